@@ -10,6 +10,7 @@
 //! Records are keyed; all records of one key land in one partition, in order.
 //! [`topics`] names the topics and encodes what goes into them.
 
+pub mod args;
 pub mod embedded;
 pub mod kafka;
 pub mod topics;

@@ -75,3 +75,23 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
 }
+
+/// Where the admin endpoints listen.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "TIDEMARK_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: std::net::SocketAddr,
+}
+
+/// Binds `addr` (logging it) and serves the admin endpoints there in the
+/// background until `shutdown` fires.
+pub async fn spawn(
+    addr: std::net::SocketAddr,
+    registry: Registry,
+    readiness: Readiness,
+    shutdown: Shutdown,
+) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = crate::listen::bind(addr, "metrics, healthz, readyz").await?;
+    Ok(tokio::spawn(serve(listener, Arc::new(registry), readiness, shutdown)))
+}

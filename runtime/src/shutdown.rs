@@ -24,6 +24,17 @@ pub async fn signal() {
     let _ = ctrl_c.await;
 }
 
+/// A [`Shutdown`] that fires on SIGINT or SIGTERM.
+pub fn on_signal() -> Shutdown {
+    let (trigger, shutdown) = channel();
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("shutting down");
+        trigger.fire();
+    });
+    shutdown
+}
+
 /// A shutdown signal that many tasks can wait on.
 #[derive(Debug, Clone)]
 pub struct Shutdown(watch::Receiver<bool>);

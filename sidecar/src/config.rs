@@ -48,9 +48,8 @@ pub struct Config {
     #[arg(long, env = "TIDEMARK_TENANT_HEADER", default_value = "x-tenant-id")]
     pub tenant_header: http::HeaderName,
 
-    /// Address for /metrics, /healthz and /readyz.
-    #[arg(long, env = "TIDEMARK_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
-    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub admin: tidemark_runtime::admin::AdminArgs,
 
     /// Most unacknowledged batches kept in memory before the oldest is dropped (and counted).
     #[arg(long, env = "TIDEMARK_MAX_PENDING_BATCHES", default_value_t = 100_000)]

@@ -58,7 +58,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     .ok_or_else(|| config::InvalidConfig::Upstream(config.upstream.clone()))?;
 
     let listener = bind(config.listen, "proxy").await?;
-    let admin_listener = bind(config.admin_listen, "metrics, healthz, readyz").await?;
     let readiness = Readiness::default();
     let pending = Arc::new(Pending::new(config.max_pending_batches, Arc::clone(&telemetry)));
 
@@ -66,12 +65,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     let (proxy_drained, after_proxy) = shutdown::channel();
     let (windows_closed, after_windows) = shutdown::channel();
 
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::new(registry),
+    let admin_task = admin::spawn(
+        config.admin.admin_listen,
+        registry,
         readiness.clone(),
         after_windows.clone(),
-    ));
+    )
+    .await?;
     let windows_task = tokio::spawn(reporter::windows(
         identity.clone(),
         Arc::clone(&meters),

@@ -1,0 +1,129 @@
+//! The ledger: reads the usage log as a consumer-group member and commits
+//! what it read to the store on a short interval.
+//!
+//! The store, not the log, decides where reading resumes: a record below the
+//! store's offset for its partition was already counted and is skipped; if
+//! the log starts a partition past that offset (a new database with an old
+//! group), the consumer seeks back once. The log's own group offset is
+//! committed after the store's, so it never runs ahead of it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_core::UsageBatch;
+use tidemark_log::topics::decode_usage;
+use tidemark_log::{Consumer, LogError, Record};
+use tidemark_runtime::shutdown::Shutdown;
+
+use crate::store::{Store, StoreError};
+use crate::telemetry::Telemetry;
+
+/// Batches read before a commit is forced, whatever the interval.
+const MAX_UNCOMMITTED: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    consumer: Consumer,
+    store: Store,
+    topic: String,
+    telemetry: Arc<Telemetry>,
+    /// Next offset to count, per partition (the store's, plus what is read).
+    next: HashMap<i32, i64>,
+    /// Partitions already rewound to the store's offset.
+    rewound: HashSet<i32>,
+    uncommitted: Vec<UsageBatch>,
+    dirty: bool,
+}
+
+impl Ledger {
+    pub async fn new(consumer: Consumer, store: Store, topic: &str, telemetry: Arc<Telemetry>) -> Result<Ledger, LedgerError> {
+        let next = store.offsets(topic).await?;
+        Ok(Ledger {
+            consumer,
+            store,
+            topic: topic.to_owned(),
+            telemetry,
+            next,
+            rewound: HashSet::new(),
+            uncommitted: Vec::new(),
+            dirty: false,
+        })
+    }
+
+    /// Reads and commits until `shutdown` fires, then commits what is left.
+    pub async fn run(mut self, commit_interval: Duration, mut shutdown: Shutdown) -> Result<(), LedgerError> {
+        let mut ticker = tokio::time::interval(commit_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                record = self.consumer.recv() => {
+                    self.take(record?).await?;
+                    if self.uncommitted.len() >= MAX_UNCOMMITTED {
+                        self.commit().await?;
+                    }
+                }
+                _ = ticker.tick() => self.commit().await?,
+                () = shutdown.wait() => {
+                    self.commit().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn take(&mut self, record: Record) -> Result<(), LedgerError> {
+        self.telemetry.records.inc();
+        let expected = self.next.get(&record.partition).copied().unwrap_or(0);
+        if record.offset < expected {
+            return Ok(());
+        }
+        if record.offset > expected && self.rewound.insert(record.partition) {
+            tracing::info!(partition = record.partition, from = record.offset, to = expected, "rewinding to the store's offset");
+            self.consumer.seek(record.partition, expected).await?;
+            return Ok(());
+        }
+        self.next.insert(record.partition, record.offset + 1);
+        self.dirty = true;
+        match decode_usage(&record.payload) {
+            Ok(batch) => self.uncommitted.push(batch),
+            Err(e) => {
+                self.telemetry.records_undecodable.inc();
+                tracing::error!(partition = record.partition, offset = record.offset, error = %e, "skipping a record that is not a usage batch");
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), LedgerError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let offsets: Vec<(i32, i64)> = self.next.iter().map(|(p, o)| (*p, *o)).collect();
+        let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.telemetry.commit_errors.inc();
+                return Err(e.into());
+            }
+        };
+        self.telemetry.commits.inc();
+        self.telemetry.batches_counted.inc_by(committed.batches);
+        self.telemetry.batches_duplicate.inc_by(committed.duplicates);
+        self.uncommitted.clear();
+        self.dirty = false;
+        if let Err(e) = self.consumer.commit(&offsets).await {
+            // Harmless: the store's offsets are the ones that count.
+            tracing::warn!(error = %e, "cannot commit offsets to the log");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,355 @@
+//! The billing store: SQLite (default, embedded) or Postgres (scale-out),
+//! one schema, one set of SQL statements, migrations run at start.
+//!
+//! Everything a ledger commit writes (rollups, the `(session, seq)` of every
+//! batch counted, and the log offsets) goes into one transaction, so after
+//! any crash the store and the offsets it resumes from agree.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor, Row};
+use tidemark_core::UsageBatch;
+use tidemark_core::meter::Meter;
+use tidemark_core::window::minute_start;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("database {url}: unsupported scheme; use sqlite:PATH or postgres://USER@HOST:PORT/DB")]
+    Scheme { url: String },
+    #[error("cannot migrate database schema to version {version}: {source}")]
+    Migrate {
+        version: i64,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Schema migrations, applied in order; the store records the last applied.
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE usage_rollup (
+        tenant TEXT NOT NULL,
+        service TEXT NOT NULL,
+        meter TEXT NOT NULL,
+        minute BIGINT NOT NULL,
+        quantity BIGINT NOT NULL,
+        batches BIGINT NOT NULL,
+        PRIMARY KEY (tenant, minute, service, meter)
+    )",
+    "CREATE TABLE seen_batch (
+        session_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    )",
+    "CREATE TABLE log_offset (
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        PRIMARY KEY (topic, part)
+    )",
+]];
+
+/// One row of rolled-up usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Start of the minute, microseconds since the Unix epoch.
+    pub minute: i64,
+    pub service: String,
+    pub meter: String,
+    pub quantity: i64,
+    pub batches: i64,
+}
+
+/// What one ledger commit did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub batches: u64,
+    pub duplicates: u64,
+}
+
+/// A usage query: one tenant, a half-open time range, optional filters.
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    pub tenant: String,
+    pub from: i64,
+    pub to: i64,
+    pub service: Option<String>,
+    pub meter: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+/// Hides the password of a database URL.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl Store {
+    /// Connects to `url` and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        install_default_drivers();
+        let is_sqlite = url.starts_with("sqlite:");
+        if !is_sqlite && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(StoreError::Scheme { url: redact(url) });
+        }
+        let url = if is_sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+        } else {
+            url.to_owned()
+        };
+        let options = if is_sqlite {
+            // One writer: SQLite serializes writes anyway.
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        Ok(())
+                    })
+                })
+        } else {
+            AnyPoolOptions::new().max_connections(8)
+        };
+        let pool = options
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .map_err(|e| StoreError::Connect {
+                url: redact(&url),
+                reason: e.to_string(),
+            })?;
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.pool
+            .execute("CREATE TABLE IF NOT EXISTS tidemark_schema (version BIGINT NOT NULL)")
+            .await?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM tidemark_schema")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        for (i, statements) in MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= current {
+                continue;
+            }
+            let fail = |source| StoreError::Migrate { version, source };
+            let mut tx = self.pool.begin().await.map_err(fail)?;
+            for statement in *statements {
+                tx.execute(*statement).await.map_err(fail)?;
+            }
+            sqlx::query("INSERT INTO tidemark_schema (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            tracing::info!(version, "database schema migrated");
+        }
+        Ok(())
+    }
+
+    /// The next offset to read per partition of `topic`, as last committed.
+    pub async fn offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        let rows = sqlx::query("SELECT part, next_offset FROM log_offset WHERE topic = $1")
+            .bind(topic)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Counts `batches` (dropping those whose `(session, seq)` was counted
+    /// before) and records `next_offsets`, in one transaction.
+    pub async fn commit(
+        &self,
+        topic: &str,
+        batches: &[UsageBatch],
+        next_offsets: &[(i32, i64)],
+    ) -> Result<Committed, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut rollups: BTreeMap<(&str, &str, &'static str, i64), (i64, i64)> = BTreeMap::new();
+        let mut committed = Committed::default();
+        for batch in batches {
+            let inserted = sqlx::query("INSERT INTO seen_batch (session_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(&batch.session_id)
+                .bind(i64::try_from(batch.seq).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if inserted == 0 {
+                committed.duplicates += 1;
+                continue;
+            }
+            committed.batches += 1;
+            let minute = minute_start(batch.window_start_unix_micros);
+            for usage in &batch.tenants {
+                for meter in Meter::ALL {
+                    let quantity = meter.quantity(usage);
+                    if quantity == 0 && meter != Meter::Requests {
+                        continue;
+                    }
+                    let entry = rollups
+                        .entry((usage.tenant.as_str(), batch.service.as_str(), meter.as_str(), minute))
+                        .or_default();
+                    entry.0 = entry.0.saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
+                    entry.1 += 1;
+                }
+            }
+        }
+        for ((tenant, service, meter, minute), (quantity, count)) in rollups {
+            sqlx::query(
+                "INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (tenant, minute, service, meter) DO UPDATE SET
+                   quantity = usage_rollup.quantity + excluded.quantity,
+                   batches = usage_rollup.batches + excluded.batches",
+            )
+            .bind(tenant)
+            .bind(service)
+            .bind(meter)
+            .bind(minute)
+            .bind(quantity)
+            .bind(count)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for &(part, next_offset) in next_offsets {
+            sqlx::query(
+                "INSERT INTO log_offset (topic, part, next_offset) VALUES ($1, $2, $3)
+                 ON CONFLICT (topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+            )
+            .bind(topic)
+            .bind(part)
+            .bind(next_offset)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(committed)
+    }
+
+    /// Rolled-up usage per minute, oldest first.
+    pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT minute, service, meter, quantity, batches FROM usage_rollup
+             WHERE tenant = $1 AND minute >= $2 AND minute < $3
+               AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)
+             ORDER BY minute, service, meter",
+        )
+        .bind(&q.tenant)
+        .bind(q.from)
+        .bind(q.to)
+        .bind(q.service.as_deref().unwrap_or(""))
+        .bind(q.meter.as_deref().unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    minute: r.try_get(0)?,
+                    service: r.try_get(1)?,
+                    meter: r.try_get(2)?,
+                    quantity: r.try_get(3)?,
+                    batches: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_core::TenantUsage;
+
+    fn batch(session: &str, seq: u64, tenant: &str, requests: u64) -> UsageBatch {
+        UsageBatch {
+            service: "svc".into(),
+            instance: "i".into(),
+            session_id: session.into(),
+            seq,
+            window_start_unix_micros: 120_000_000 + seq as i64,
+            window_end_unix_micros: 121_000_000,
+            tenants: vec![TenantUsage {
+                tenant: tenant.into(),
+                requests,
+                ..TenantUsage::default()
+            }],
+            ..UsageBatch::default()
+        }
+    }
+
+    fn all(tenant: &str) -> UsageQuery {
+        UsageQuery {
+            tenant: tenant.into(),
+            from: 0,
+            to: i64::MAX,
+            meter: Some("requests".into()),
+            ..UsageQuery::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_each_session_seq_once_and_keeps_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("b.db").display());
+        let store = Store::open(&url).await.expect("open");
+        let first = [batch("s1", 0, "acme", 3), batch("s1", 1, "acme", 4)];
+        let done = store.commit("t", &first, &[(0, 2)]).await.expect("commit");
+        assert_eq!(done, Committed { batches: 2, duplicates: 0 });
+        // A replay of seq 1 plus a new batch: only the new one counts.
+        let second = [batch("s1", 1, "acme", 4), batch("s2", 0, "acme", 5)];
+        let done = store.commit("t", &second, &[(0, 4), (1, 7)]).await.expect("commit");
+        assert_eq!(done, Committed { batches: 1, duplicates: 1 });
+        drop(store);
+
+        let store = Store::open(&url).await.expect("reopen runs no migration twice");
+        let rows = store.usage(&all("acme")).await.expect("query");
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].minute, rows[0].quantity, rows[0].batches), (120_000_000, 12, 3));
+        assert!(store.usage(&all("globex")).await.expect("query").is_empty());
+        let offsets = store.offsets("t").await.expect("offsets");
+        assert_eq!(offsets, HashMap::from([(0, 4), (1, 7)]));
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite:x.db"), "sqlite:x.db");
+    }
+
+    #[tokio::test]
+    async fn bad_urls_fail_with_a_reason() {
+        let err = Store::open("mysql://h/db").await.expect_err("unsupported");
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+        let err = Store::open("sqlite:/nonexistent-dir/x/y.db").await.expect_err("no such dir");
+        assert!(err.to_string().starts_with("cannot open database sqlite:/nonexistent-dir/x/y.db"), "{err}");
+    }
+}

@@ -1,0 +1,36 @@
+//! Billing's Prometheus metrics, registered once at start.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub records: Counter,
+    pub batches_counted: Counter,
+    pub batches_duplicate: Counter,
+    pub records_undecodable: Counter,
+    pub commits: Counter,
+    pub commit_errors: Counter,
+}
+
+impl Telemetry {
+    pub fn register(registry: &mut Registry) -> Telemetry {
+        let t = Telemetry::default();
+        let r = registry.sub_registry_with_prefix("tidemark_billing");
+        r.register("log_records", "Usage log records read", t.records.clone());
+        r.register("batches_counted", "Usage batches counted into rollups", t.batches_counted.clone());
+        r.register(
+            "batches_duplicate",
+            "Usage batches dropped because their (session, seq) was already counted",
+            t.batches_duplicate.clone(),
+        );
+        r.register(
+            "records_undecodable",
+            "Usage log records that are not a usage batch (skipped)",
+            t.records_undecodable.clone(),
+        );
+        r.register("ledger_commits", "Ledger transactions committed", t.commits.clone());
+        r.register("ledger_commit_errors", "Ledger transactions that failed", t.commit_errors.clone());
+        t
+    }
+}

@@ -1,0 +1,27 @@
+//! `tidemark`: the operator CLI. See the library crate.
+
+use clap::{Parser, Subcommand};
+
+/// Tidemark: elastic scaling and pay-per-use billing for any HTTP service.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run collector and billing in one process over an embedded log and SQLite.
+    Dev(tidemark::dev::DevArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli: Cli = tidemark_runtime::config::load_or_exit();
+    tidemark_runtime::init_logging();
+    let shutdown = tidemark_runtime::shutdown::on_signal();
+    match cli.command {
+        Command::Dev(args) => tidemark::dev::run(args, shutdown).await,
+    }
+}

@@ -1,0 +1,51 @@
+//! `tidemark-collector`: see the library crate.
+
+use anyhow::Context;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tidemark_collector::{Collector, CollectorArgs};
+use tidemark_log::args::KafkaArgs;
+use tidemark_log::topics::USAGE_TOPIC_SPEC;
+use tidemark_log::{Log, LogConfig};
+use tidemark_runtime::admin::{self, AdminArgs, Readiness};
+
+/// Tidemark's collector: receives usage from sidecars over gRPC and appends
+/// it to the usage log in Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark-collector", version)]
+struct Args {
+    /// TOML file with any of these settings (keys as the flags, `_` for `-`).
+    #[arg(long, env = "TIDEMARK_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    collector: CollectorArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Args = tidemark_runtime::config::load_or_exit();
+    tidemark_runtime::init_logging();
+    let shutdown = tidemark_runtime::shutdown::on_signal();
+
+    let log = Log::open(LogConfig::Kafka(args.kafka.kafka_config()))
+        .await
+        .context("cannot start: check --kafka-brokers")?;
+    log.ensure_topic(&args.kafka.usage_topic, USAGE_TOPIC_SPEC)
+        .await
+        .with_context(|| format!("cannot create topic {}", args.kafka.usage_topic))?;
+
+    let mut registry = Registry::default();
+    let collector = Collector::new(log, &args.kafka.usage_topic, &mut registry);
+    let listener = tidemark_runtime::listen::bind(args.collector.listen, "ingest gRPC").await?;
+    let readiness = Readiness::default();
+    let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
+    readiness.set(true);
+    collector.serve(listener, shutdown).await.context("ingest gRPC server failed")?;
+    admin_task.await??;
+    tracing::info!("collector stopped");
+    Ok(())
+}

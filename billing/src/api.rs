@@ -19,8 +19,21 @@ use tidemark_core::meter::Meter;
 
 use crate::store::{Store, UsageQuery};
 
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Store,
+    mut shutdown: tidemark_runtime::shutdown::Shutdown,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(store))
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+}
+
 pub fn router(store: Store) -> Router {
-    Router::new().route("/v1/usage", get(usage)).with_state(store)
+    Router::new()
+        .route("/v1/usage", get(usage))
+        .with_state(store)
 }
 
 /// An error answered as JSON.
@@ -70,14 +83,21 @@ struct UsageRowJson {
 }
 
 fn rfc3339(unix_micros: i64) -> String {
-    DateTime::<Utc>::from_timestamp_micros(unix_micros)
-        .map_or_else(|| unix_micros.to_string(), |t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+    DateTime::<Utc>::from_timestamp_micros(unix_micros).map_or_else(
+        || unix_micros.to_string(),
+        |t| t.to_rfc3339_opts(SecondsFormat::Secs, true),
+    )
 }
 
 fn parse_time(parameter: &'static str, text: &str) -> Result<i64, ApiError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_micros())
-        .map_err(|e| ApiError::bad(parameter, format!("{text:?} is not an RFC 3339 time such as 2026-11-26T04:00:00Z ({e})")))
+        .map_err(|e| {
+            ApiError::bad(
+                parameter,
+                format!("{text:?} is not an RFC 3339 time such as 2026-11-26T04:00:00Z ({e})"),
+            )
+        })
 }
 
 /// Turns query parameters into a [`UsageQuery`], refusing unknown ones.
@@ -97,14 +117,19 @@ fn parse_usage_query(params: &[(String, String)]) -> Result<UsageQuery, ApiError
             "meter" => {
                 if Meter::parse(value).is_none() {
                     let known: Vec<_> = Meter::ALL.iter().map(|m| m.as_str()).collect();
-                    return Err(ApiError::bad("meter", format!("unknown meter {value:?}; known: {}", known.join(", "))));
+                    return Err(ApiError::bad(
+                        "meter",
+                        format!("unknown meter {value:?}; known: {}", known.join(", ")),
+                    ));
                 }
                 q.meter = Some(value.clone());
             }
             _ => {
                 return Err(ApiError {
                     status: StatusCode::BAD_REQUEST,
-                    message: format!("unknown parameter {key:?}; known: tenant, from, to, service, meter"),
+                    message: format!(
+                        "unknown parameter {key:?}; known: tenant, from, to, service, meter"
+                    ),
                     parameter: None,
                 });
             }
@@ -158,7 +183,10 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -166,13 +194,13 @@ mod tests {
         let q = parse_usage_query(&params(&[
             ("tenant", "acme"),
             ("from", "2026-11-26T04:00:00Z"),
-            ("to", "2026-11-26T05:00:00+01:00"),
+            ("to", "2026-11-26T06:00:00+01:00"),
             ("meter", "requests"),
         ]))
         .expect("valid");
         assert_eq!(q.tenant, "acme");
-        assert_eq!(q.from, 1_764_129_600_000_000);
-        assert_eq!(q.to, 1_764_129_600_000_000, "05:00+01:00 is 04:00Z");
+        assert_eq!(q.from, 1_795_665_600_000_000);
+        assert_eq!(q.to, 1_795_669_200_000_000, "06:00+01:00 is 05:00Z");
     }
 
     #[test]
@@ -183,7 +211,11 @@ mod tests {
             (vec![("tenant", "a"), ("from", "yesterday")], Some("from")),
             (vec![("tenant", "a"), ("meter", "tokens?")], Some("meter")),
             (
-                vec![("tenant", "a"), ("from", "2026-01-02T00:00:00Z"), ("to", "2026-01-01T00:00:00Z")],
+                vec![
+                    ("tenant", "a"),
+                    ("from", "2026-01-02T00:00:00Z"),
+                    ("to", "2026-01-01T00:00:00Z"),
+                ],
                 Some("to"),
             ),
             (vec![("tenant", "a"), ("colour", "red")], None),
@@ -194,15 +226,4 @@ mod tests {
             assert_eq!(err.parameter, parameter, "{pairs:?}: {}", err.message);
         }
     }
-}
-
-/// Serves the API on `listener` until `shutdown` fires.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    store: Store,
-    mut shutdown: tidemark_runtime::shutdown::Shutdown,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(store))
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await
 }

@@ -45,7 +45,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub async fn new(consumer: Consumer, store: Store, topic: &str, telemetry: Arc<Telemetry>) -> Result<Ledger, LedgerError> {
+    pub async fn new(
+        consumer: Consumer,
+        store: Store,
+        topic: &str,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Ledger, LedgerError> {
         let next = store.offsets(topic).await?;
         Ok(Ledger {
             consumer,
@@ -60,7 +65,11 @@ impl Ledger {
     }
 
     /// Reads and commits until `shutdown` fires, then commits what is left.
-    pub async fn run(mut self, commit_interval: Duration, mut shutdown: Shutdown) -> Result<(), LedgerError> {
+    pub async fn run(
+        mut self,
+        commit_interval: Duration,
+        mut shutdown: Shutdown,
+    ) -> Result<(), LedgerError> {
         let mut ticker = tokio::time::interval(commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -87,7 +96,12 @@ impl Ledger {
             return Ok(());
         }
         if record.offset > expected && self.rewound.insert(record.partition) {
-            tracing::info!(partition = record.partition, from = record.offset, to = expected, "rewinding to the store's offset");
+            tracing::info!(
+                partition = record.partition,
+                from = record.offset,
+                to = expected,
+                "rewinding to the store's offset"
+            );
             self.consumer.seek(record.partition, expected).await?;
             return Ok(());
         }
@@ -108,7 +122,11 @@ impl Ledger {
             return Ok(());
         }
         let offsets: Vec<(i32, i64)> = self.next.iter().map(|(p, o)| (*p, *o)).collect();
-        let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets).await {
+        let committed = match self
+            .store
+            .commit(&self.topic, &self.uncommitted, &offsets)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 self.telemetry.commit_errors.inc();
@@ -117,7 +135,9 @@ impl Ledger {
         };
         self.telemetry.commits.inc();
         self.telemetry.batches_counted.inc_by(committed.batches);
-        self.telemetry.batches_duplicate.inc_by(committed.duplicates);
+        self.telemetry
+            .batches_duplicate
+            .inc_by(committed.duplicates);
         self.uncommitted.clear();
         self.dirty = false;
         if let Err(e) = self.consumer.commit(&offsets).await {

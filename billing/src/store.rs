@@ -195,12 +195,14 @@ impl Store {
         let mut rollups: BTreeMap<(&str, &str, &'static str, i64), (i64, i64)> = BTreeMap::new();
         let mut committed = Committed::default();
         for batch in batches {
-            let inserted = sqlx::query("INSERT INTO seen_batch (session_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(&batch.session_id)
-                .bind(i64::try_from(batch.seq).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            let inserted = sqlx::query(
+                "INSERT INTO seen_batch (session_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(&batch.session_id)
+            .bind(i64::try_from(batch.seq).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
             if inserted == 0 {
                 committed.duplicates += 1;
                 continue;
@@ -214,9 +216,16 @@ impl Store {
                         continue;
                     }
                     let entry = rollups
-                        .entry((usage.tenant.as_str(), batch.service.as_str(), meter.as_str(), minute))
+                        .entry((
+                            usage.tenant.as_str(),
+                            batch.service.as_str(),
+                            meter.as_str(),
+                            minute,
+                        ))
                         .or_default();
-                    entry.0 = entry.0.saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
+                    entry.0 = entry
+                        .0
+                        .saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
                     entry.1 += 1;
                 }
             }
@@ -322,17 +331,37 @@ mod tests {
         let store = Store::open(&url).await.expect("open");
         let first = [batch("s1", 0, "acme", 3), batch("s1", 1, "acme", 4)];
         let done = store.commit("t", &first, &[(0, 2)]).await.expect("commit");
-        assert_eq!(done, Committed { batches: 2, duplicates: 0 });
+        assert_eq!(
+            done,
+            Committed {
+                batches: 2,
+                duplicates: 0
+            }
+        );
         // A replay of seq 1 plus a new batch: only the new one counts.
         let second = [batch("s1", 1, "acme", 4), batch("s2", 0, "acme", 5)];
-        let done = store.commit("t", &second, &[(0, 4), (1, 7)]).await.expect("commit");
-        assert_eq!(done, Committed { batches: 1, duplicates: 1 });
+        let done = store
+            .commit("t", &second, &[(0, 4), (1, 7)])
+            .await
+            .expect("commit");
+        assert_eq!(
+            done,
+            Committed {
+                batches: 1,
+                duplicates: 1
+            }
+        );
         drop(store);
 
-        let store = Store::open(&url).await.expect("reopen runs no migration twice");
+        let store = Store::open(&url)
+            .await
+            .expect("reopen runs no migration twice");
         let rows = store.usage(&all("acme")).await.expect("query");
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].minute, rows[0].quantity, rows[0].batches), (120_000_000, 12, 3));
+        assert_eq!(
+            (rows[0].minute, rows[0].quantity, rows[0].batches),
+            (120_000_000, 12, 3)
+        );
         assert!(store.usage(&all("globex")).await.expect("query").is_empty());
         let offsets = store.offsets("t").await.expect("offsets");
         assert_eq!(offsets, HashMap::from([(0, 4), (1, 7)]));
@@ -340,7 +369,10 @@ mod tests {
 
     #[test]
     fn passwords_are_hidden() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:x.db"), "sqlite:x.db");
     }
@@ -349,7 +381,13 @@ mod tests {
     async fn bad_urls_fail_with_a_reason() {
         let err = Store::open("mysql://h/db").await.expect_err("unsupported");
         assert!(err.to_string().contains("unsupported scheme"), "{err}");
-        let err = Store::open("sqlite:/nonexistent-dir/x/y.db").await.expect_err("no such dir");
-        assert!(err.to_string().starts_with("cannot open database sqlite:/nonexistent-dir/x/y.db"), "{err}");
+        let err = Store::open("sqlite:/nonexistent-dir/x/y.db")
+            .await
+            .expect_err("no such dir");
+        assert!(
+            err.to_string()
+                .starts_with("cannot open database sqlite:/nonexistent-dir/x/y.db"),
+            "{err}"
+        );
     }
 }

@@ -18,7 +18,11 @@ impl Telemetry {
         let t = Telemetry::default();
         let r = registry.sub_registry_with_prefix("tidemark_billing");
         r.register("log_records", "Usage log records read", t.records.clone());
-        r.register("batches_counted", "Usage batches counted into rollups", t.batches_counted.clone());
+        r.register(
+            "batches_counted",
+            "Usage batches counted into rollups",
+            t.batches_counted.clone(),
+        );
         r.register(
             "batches_duplicate",
             "Usage batches dropped because their (session, seq) was already counted",
@@ -29,8 +33,16 @@ impl Telemetry {
             "Usage log records that are not a usage batch (skipped)",
             t.records_undecodable.clone(),
         );
-        r.register("ledger_commits", "Ledger transactions committed", t.commits.clone());
-        r.register("ledger_commit_errors", "Ledger transactions that failed", t.commit_errors.clone());
+        r.register(
+            "ledger_commits",
+            "Ledger transactions committed",
+            t.commits.clone(),
+        );
+        r.register(
+            "ledger_commit_errors",
+            "Ledger transactions that failed",
+            t.commit_errors.clone(),
+        );
         t
     }
 }

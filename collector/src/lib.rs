@@ -23,7 +23,11 @@ use telemetry::Telemetry;
 #[derive(Debug, Clone, Args)]
 pub struct CollectorArgs {
     /// Address of the ingest gRPC service, where sidecars connect.
-    #[arg(long = "listen", env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:7400")]
+    #[arg(
+        long = "listen",
+        env = "TIDEMARK_LISTEN",
+        default_value = "127.0.0.1:7400"
+    )]
     pub listen: SocketAddr,
 }
 
@@ -43,10 +47,16 @@ impl Collector {
     }
 
     /// Serves gRPC on `listener` until `shutdown` fires.
-    pub async fn serve(self, listener: TcpListener, mut shutdown: Shutdown) -> Result<(), tonic::transport::Error> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        mut shutdown: Shutdown,
+    ) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
             .add_service(IngestServer::new(self.ingest))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.wait().await })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                shutdown.wait().await
+            })
             .await
     }
 }

@@ -42,9 +42,18 @@ async fn main() -> anyhow::Result<()> {
     let collector = Collector::new(log, &args.kafka.usage_topic, &mut registry);
     let listener = tidemark_runtime::listen::bind(args.collector.listen, "ingest gRPC").await?;
     let readiness = Readiness::default();
-    let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
+    let admin_task = admin::spawn(
+        args.admin.admin_listen,
+        registry,
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     readiness.set(true);
-    collector.serve(listener, shutdown).await.context("ingest gRPC server failed")?;
+    collector
+        .serve(listener, shutdown)
+        .await
+        .context("ingest gRPC server failed")?;
     admin_task.await??;
     tracing::info!("collector stopped");
     Ok(())

@@ -131,7 +131,8 @@ mod tests {
 
     #[test]
     fn refuses_each_kind_of_bad_batch() {
-        let cases: Vec<(fn(&mut UsageBatch), InvalidBatch)> = vec![
+        type Spoil = fn(&mut UsageBatch);
+        let cases: Vec<(Spoil, InvalidBatch)> = vec![
             (
                 |b| b.service.clear(),
                 InvalidBatch::Service(InvalidName::Empty),

@@ -65,9 +65,6 @@ mod tests {
             validate_name("a b"),
             Err(InvalidName::BadChar { found: ' ' })
         );
-        assert_eq!(
-            validate_name("é"),
-            Err(InvalidName::BadChar { found: 'é' })
-        );
+        assert_eq!(validate_name("é"), Err(InvalidName::BadChar { found: 'é' }));
     }
 }

@@ -20,9 +20,6 @@ mod tests {
         assert_eq!(minute_start(MICROS_PER_MINUTE - 1), 0);
         assert_eq!(minute_start(MICROS_PER_MINUTE), MICROS_PER_MINUTE);
         assert_eq!(minute_start(-1), -MICROS_PER_MINUTE);
-        assert_eq!(
-            minute_start(1_764_131_234_567_890),
-            1_764_131_220_000_000
-        );
+        assert_eq!(minute_start(1_764_131_234_567_890), 1_764_131_220_000_000);
     }
 }

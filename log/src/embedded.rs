@@ -118,7 +118,12 @@ impl EmbeddedLog {
         blocking(move || this.topic(&topic, Some(spec)).map(|_| ())).await
     }
 
-    pub async fn append(&self, topic: &str, key: &[u8], payload: Bytes) -> Result<Position, LogError> {
+    pub async fn append(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: Bytes,
+    ) -> Result<Position, LogError> {
         let this = self.clone();
         let topic_name = topic.to_owned();
         let files = blocking(move || this.topic(&topic_name, None)).await?;
@@ -231,11 +236,19 @@ impl TopicFiles {
         let dir = root.join(name);
         let meta = dir.join("partitions");
         let count = match fs::read_to_string(&meta) {
-            Ok(text) => text.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| LogError::Io {
-                action: "read partition count from",
-                path: meta.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidData, format!("{text:?} is not a positive number")),
-            })?,
+            Ok(text) => text
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| LogError::Io {
+                    action: "read partition count from",
+                    path: meta.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{text:?} is not a positive number"),
+                    ),
+                })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let Some(spec) = create else {
                     return Err(LogError::Io {
@@ -245,7 +258,8 @@ impl TopicFiles {
                     });
                 };
                 let count = spec.partitions.max(1) as usize;
-                fs::create_dir_all(dir.join("groups")).map_err(io_err("create topic directory", &dir))?;
+                fs::create_dir_all(dir.join("groups"))
+                    .map_err(io_err("create topic directory", &dir))?;
                 write_atomically(&meta, count.to_string().as_bytes())?;
                 count
             }
@@ -274,7 +288,10 @@ impl TopicFiles {
         if batch.is_empty() {
             return;
         }
-        let start = *part.synced_len.read().unwrap_or_else(PoisonError::into_inner);
+        let start = *part
+            .synced_len
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut buf = Vec::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
         let mut positions = Vec::with_capacity(batch.len());
         for (frame, _) in &batch {
@@ -287,7 +304,10 @@ impl TopicFiles {
                 let mut index = part.index.write().unwrap_or_else(PoisonError::into_inner);
                 let first = index.len() as i64;
                 index.extend_from_slice(&positions);
-                *part.synced_len.write().unwrap_or_else(PoisonError::into_inner) = start + buf.len() as u64;
+                *part
+                    .synced_len
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = start + buf.len() as u64;
                 drop(index);
                 for (i, (_, waiter)) in batch.into_iter().enumerate() {
                     let _ = waiter.send(Ok(first + i as i64));
@@ -313,10 +333,12 @@ impl TopicFiles {
             let index = part.index.read().unwrap_or_else(PoisonError::into_inner);
             let from_idx = usize::try_from(from).unwrap_or(0).min(index.len());
             let to_idx = from_idx.saturating_add(max).min(index.len());
-            let end = index
-                .get(to_idx)
-                .copied()
-                .unwrap_or(*part.synced_len.read().unwrap_or_else(PoisonError::into_inner));
+            let end = index.get(to_idx).copied().unwrap_or(
+                *part
+                    .synced_len
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
             (index[from_idx..to_idx].to_vec(), end)
         };
         let Some(&first) = positions.first() else {
@@ -330,12 +352,18 @@ impl TopicFiles {
         let mut records = Vec::with_capacity(positions.len());
         for (i, pos) in positions.iter().enumerate() {
             let at = (pos - first) as usize + HEADER_LEN;
-            let len = u32::from_le_bytes([buf[at - 8], buf[at - 7], buf[at - 6], buf[at - 5]]) as usize;
-            let (timestamp_millis, key, payload) =
-                buf.get(at..at + len).and_then(decode_body).ok_or_else(|| LogError::Io {
+            let len =
+                u32::from_le_bytes([buf[at - 8], buf[at - 7], buf[at - 6], buf[at - 5]]) as usize;
+            let (timestamp_millis, key, payload) = buf
+                .get(at..at + len)
+                .and_then(decode_body)
+                .ok_or_else(|| LogError::Io {
                     action: "decode record in",
                     path: part.path.clone(),
-                    source: io::Error::new(io::ErrorKind::InvalidData, format!("bad frame at byte {pos}")),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad frame at byte {pos}"),
+                    ),
                 })?;
             records.push(Record {
                 partition: partition_id(partition),
@@ -393,7 +421,10 @@ fn scan(file: &mut File) -> io::Result<(Vec<u64>, u64)> {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         body.resize(len, 0);
-        if len < BODY_PREFIX_LEN || !read_full(&mut reader, &mut body)? || crc32fast::hash(&body) != crc {
+        if len < BODY_PREFIX_LEN
+            || !read_full(&mut reader, &mut body)?
+            || crc32fast::hash(&body) != crc
+        {
             break;
         }
         if decode_body(&body).is_none() {
@@ -463,7 +494,11 @@ struct MemberGuard {
 }
 
 impl MemberGuard {
-    fn join(members: &Arc<Mutex<HashSet<(String, String)>>>, topic: &str, group: &str) -> Result<MemberGuard, LogError> {
+    fn join(
+        members: &Arc<Mutex<HashSet<(String, String)>>>,
+        topic: &str,
+        group: &str,
+    ) -> Result<MemberGuard, LogError> {
         let key = (topic.to_owned(), group.to_owned());
         if !lock(members).insert(key.clone()) {
             return Err(LogError::GroupBusy {
@@ -550,7 +585,11 @@ impl EmbeddedConsumer {
             }
             self.committed.insert(partition, offset);
         }
-        let mut lines: Vec<_> = self.committed.iter().map(|(p, o)| format!("{p} {o}\n")).collect();
+        let mut lines: Vec<_> = self
+            .committed
+            .iter()
+            .map(|(p, o)| format!("{p} {o}\n"))
+            .collect();
         lines.sort();
         let path = self.offsets_path.clone();
         blocking(move || write_atomically(&path, lines.concat().as_bytes())).await
@@ -569,7 +608,10 @@ mod tests {
     };
 
     async fn open(dir: &Path) -> EmbeddedLog {
-        let log = EmbeddedLog::open(EmbeddedConfig { dir: dir.to_path_buf() }).expect("open");
+        let log = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.to_path_buf(),
+        })
+        .expect("open");
         log.ensure_topic(TOPIC, SPEC).await.expect("topic");
         log
     }
@@ -580,17 +622,25 @@ mod tests {
         let log = open(dir.path()).await;
         for i in 0..30u32 {
             let key = format!("k{}", i % 4);
-            log.append(TOPIC, key.as_bytes(), Bytes::from(i.to_string())).await.expect("append");
+            log.append(TOPIC, key.as_bytes(), Bytes::from(i.to_string()))
+                .await
+                .expect("append");
         }
         let mut consumer = log.consumer(TOPIC, "g").await.expect("consumer");
         let mut by_key: BTreeMap<Vec<u8>, Vec<u32>> = BTreeMap::new();
         for _ in 0..30 {
             let r = consumer.recv().await.expect("recv");
-            let value = std::str::from_utf8(&r.payload).expect("utf8").parse().expect("number");
+            let value = std::str::from_utf8(&r.payload)
+                .expect("utf8")
+                .parse()
+                .expect("number");
             by_key.entry(r.key.to_vec()).or_default().push(value);
         }
         for (key, values) in by_key {
-            let k: u32 = std::str::from_utf8(&key[1..]).expect("utf8").parse().expect("number");
+            let k: u32 = std::str::from_utf8(&key[1..])
+                .expect("utf8")
+                .parse()
+                .expect("number");
             let want: Vec<u32> = (0..30).filter(|i| i % 4 == k).collect();
             assert_eq!(values, want, "key {k}");
         }
@@ -602,7 +652,9 @@ mod tests {
         {
             let log = open(dir.path()).await;
             for i in 0..10u32 {
-                log.append(TOPIC, b"same-key", Bytes::from(i.to_string())).await.expect("append");
+                log.append(TOPIC, b"same-key", Bytes::from(i.to_string()))
+                    .await
+                    .expect("append");
             }
             let mut c = log.consumer(TOPIC, "g").await.expect("consumer");
             let mut last = None;
@@ -610,13 +662,17 @@ mod tests {
                 last = Some(c.recv().await.expect("recv"));
             }
             let last = last.expect("four records");
-            c.commit(&[(last.partition, last.offset + 1)]).await.expect("commit");
+            c.commit(&[(last.partition, last.offset + 1)])
+                .await
+                .expect("commit");
         }
         let log = open(dir.path()).await;
         let mut c = log.consumer(TOPIC, "g").await.expect("consumer");
         let mut rest = Vec::new();
         for _ in 0..6 {
-            rest.push(String::from_utf8(c.recv().await.expect("recv").payload.to_vec()).expect("utf8"));
+            rest.push(
+                String::from_utf8(c.recv().await.expect("recv").payload.to_vec()).expect("utf8"),
+            );
         }
         assert_eq!(rest, ["4", "5", "6", "7", "8", "9"]);
         // Nothing more: the next recv waits until a new append.
@@ -634,7 +690,9 @@ mod tests {
         let mut c = log.consumer(TOPIC, "g").await.expect("consumer");
         let reader = tokio::spawn(async move { c.recv().await.map(|r| r.payload) });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        log.append(TOPIC, b"k", Bytes::from_static(b"late")).await.expect("append");
+        log.append(TOPIC, b"k", Bytes::from_static(b"late"))
+            .await
+            .expect("append");
         let got = reader.await.expect("join").expect("recv");
         assert_eq!(&got[..], b"late");
     }
@@ -646,7 +704,9 @@ mod tests {
         let tasks: Vec<_> = (0..200u32)
             .map(|i| {
                 let log = log.clone();
-                tokio::spawn(async move { log.append(TOPIC, b"k", Bytes::from(i.to_string())).await })
+                tokio::spawn(
+                    async move { log.append(TOPIC, b"k", Bytes::from(i.to_string())).await },
+                )
             })
             .collect();
         let mut offsets = Vec::new();
@@ -663,8 +723,14 @@ mod tests {
         let path;
         {
             let log = open(dir.path()).await;
-            let pos = log.append(TOPIC, b"k", Bytes::from_static(b"kept")).await.expect("append");
-            path = dir.path().join(TOPIC).join(format!("{}.log", pos.partition));
+            let pos = log
+                .append(TOPIC, b"k", Bytes::from_static(b"kept"))
+                .await
+                .expect("append");
+            path = dir
+                .path()
+                .join(TOPIC)
+                .join(format!("{}.log", pos.partition));
         }
         // A crash in the middle of the next write leaves half a frame.
         let frame = encode_frame(1, b"k", b"never acknowledged");
@@ -672,7 +738,10 @@ mod tests {
         f.write_all(&frame[..frame.len() / 2]).expect("write");
         drop(f);
         let log = open(dir.path()).await;
-        let pos = log.append(TOPIC, b"k", Bytes::from_static(b"after")).await.expect("append");
+        let pos = log
+            .append(TOPIC, b"k", Bytes::from_static(b"after"))
+            .await
+            .expect("append");
         assert_eq!(pos.offset, 1);
         let mut c = log.consumer(TOPIC, "g").await.expect("consumer");
         assert_eq!(&c.recv().await.expect("recv").payload[..], b"kept");
@@ -684,14 +753,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open(dir.path()).await;
         for i in 0..3u32 {
-            log.append(TOPIC, b"k", Bytes::from(i.to_string())).await.expect("append");
+            log.append(TOPIC, b"k", Bytes::from(i.to_string()))
+                .await
+                .expect("append");
         }
         let mut c = log.consumer(TOPIC, "g").await.expect("consumer");
         let first = c.recv().await.expect("recv");
         c.recv().await.expect("recv");
         c.seek(first.partition, 0).expect("seek");
         assert_eq!(c.recv().await.expect("recv"), first);
-        assert!(matches!(c.seek(99, 0), Err(LogError::NoSuchPartition { .. })));
+        assert!(matches!(
+            c.seek(99, 0),
+            Err(LogError::NoSuchPartition { .. })
+        ));
     }
 
     #[tokio::test]
@@ -699,10 +773,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open(dir.path()).await;
         let first = log.consumer(TOPIC, "g").await.expect("consumer");
-        assert!(matches!(log.consumer(TOPIC, "g").await, Err(LogError::GroupBusy { .. })));
+        assert!(matches!(
+            log.consumer(TOPIC, "g").await,
+            Err(LogError::GroupBusy { .. })
+        ));
         drop(first);
-        log.consumer(TOPIC, "g").await.expect("the group is free again");
-        assert!(matches!(log.consumer(TOPIC, "bad/group").await, Err(LogError::InvalidGroup(_))));
+        log.consumer(TOPIC, "g")
+            .await
+            .expect("the group is free again");
+        assert!(matches!(
+            log.consumer(TOPIC, "bad/group").await,
+            Err(LogError::InvalidGroup(_))
+        ));
         assert!(log.append("missing", b"k", Bytes::new()).await.is_err());
     }
 }

@@ -54,7 +54,9 @@ pub struct KafkaLog {
 
 impl std::fmt::Debug for KafkaLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaLog").field("brokers", &self.config.brokers).finish()
+        f.debug_struct("KafkaLog")
+            .field("brokers", &self.config.brokers)
+            .finish()
     }
 }
 
@@ -70,7 +72,10 @@ impl KafkaLog {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                DELIVERY_TIMEOUT.as_millis().to_string(),
+            )
             .create()
             .map_err(kafka_err("create producer"))?;
         let probe = producer.clone();
@@ -85,7 +90,10 @@ impl KafkaLog {
         .map_err(|_| LogError::Closed)?
         .map_err(|e| LogError::Unreachable {
             brokers,
-            reason: format!("no broker answered within {}s ({e})", CONNECT_TIMEOUT.as_secs()),
+            reason: format!(
+                "no broker answered within {}s ({e})",
+                CONNECT_TIMEOUT.as_secs()
+            ),
         })?;
         Ok(KafkaLog { config, producer })
     }
@@ -123,7 +131,12 @@ impl KafkaLog {
         Ok(())
     }
 
-    pub async fn append(&self, topic: &str, key: &[u8], payload: Bytes) -> Result<Position, LogError> {
+    pub async fn append(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: Bytes,
+    ) -> Result<Position, LogError> {
         let record = FutureRecord::to(topic).key(key).payload(&payload[..]);
         let delivery = self
             .producer
@@ -151,7 +164,9 @@ impl KafkaLog {
             .set("enable.partition.eof", "false")
             .create()
             .map_err(kafka_err("create consumer"))?;
-        consumer.subscribe(&[topic]).map_err(kafka_err("subscribe"))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(kafka_err("subscribe"))?;
         Ok(KafkaConsumer {
             topic: topic.to_owned(),
             consumer: Arc::new(consumer),
@@ -167,7 +182,9 @@ pub struct KafkaConsumer {
 
 impl std::fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaConsumer").field("topic", &self.topic).finish()
+        f.debug_struct("KafkaConsumer")
+            .field("topic", &self.topic)
+            .finish()
     }
 }
 
@@ -187,7 +204,12 @@ impl KafkaConsumer {
         let consumer = Arc::clone(&self.consumer);
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || {
-            consumer.seek(&topic, partition, Offset::Offset(offset), Timeout::After(CONNECT_TIMEOUT))
+            consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Timeout::After(CONNECT_TIMEOUT),
+            )
         })
         .await
         .map_err(|_| LogError::Closed)?

@@ -46,7 +46,10 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(AdminState { registry, readiness });
+        .with_state(AdminState {
+            registry,
+            readiness,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
@@ -57,7 +60,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(e) => (
@@ -93,5 +99,10 @@ pub async fn spawn(
     shutdown: Shutdown,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let listener = crate::listen::bind(addr, "metrics, healthz, readyz").await?;
-    Ok(tokio::spawn(serve(listener, Arc::new(registry), readiness, shutdown)))
+    Ok(tokio::spawn(serve(
+        listener,
+        Arc::new(registry),
+        readiness,
+        shutdown,
+    )))
 }

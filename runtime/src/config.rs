@@ -37,7 +37,9 @@ pub enum ConfigError {
 /// Parses the process's arguments, environment and config file, or prints
 /// why not (or the help) and exits: 0 for `--help`, 2 for an error.
 pub fn load_or_exit<T: Parser>() -> T {
-    match load_from(std::env::args_os().collect(), |p| std::fs::read_to_string(p)) {
+    match load_from(std::env::args_os().collect(), |p| {
+        std::fs::read_to_string(p)
+    }) {
         Ok(config) => config,
         Err(ConfigError::Cli(e)) => e.exit(),
         Err(e) => {
@@ -54,14 +56,17 @@ pub fn load_from<T: Parser>(
     read_file: impl Fn(&Path) -> std::io::Result<String>,
 ) -> Result<T, ConfigError> {
     let command = T::command();
-    let matches = command.clone().try_get_matches_from(&args)?;
-    let (leaf, leaf_matches) = leaf(&command, &matches);
+    // A first, lenient pass finds the file and what flags and environment
+    // already set; required flags may still be missing (the file may hold them).
+    let partial = lenient(command.clone()).try_get_matches_from(&args)?;
+    let (leaf, leaf_matches) = leaf(&command, &partial);
     let Some(path) = leaf_matches
         .try_get_one::<PathBuf>(CONFIG_ARG)
         .ok()
         .flatten()
         .cloned()
     else {
+        let matches = command.try_get_matches_from(&args)?;
         return Ok(T::from_arg_matches(&matches)?);
     };
     let text = read_file(&path).map_err(|e| ConfigError::File {
@@ -74,6 +79,19 @@ pub fn load_from<T: Parser>(
     args.splice(at..at, extra);
     let matches = command.try_get_matches_from(&args)?;
     Ok(T::from_arg_matches(&matches)?)
+}
+
+/// The command with no flag required, in every subcommand too.
+fn lenient(command: Command) -> Command {
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    names
+        .iter()
+        .fold(command.mut_args(|a| a.required(false)), |c, name| {
+            c.mut_subcommand(name, lenient)
+        })
 }
 
 /// The innermost subcommand that was invoked, with its matches.
@@ -95,10 +113,12 @@ fn file_args(
     path: &Path,
     text: &str,
 ) -> Result<Vec<OsString>, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
-        path: path.to_path_buf(),
-        reason: format!("not valid TOML: {}", e.message()),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: format!("not valid TOML: {}", e.message()),
+        })?;
     let key_error = |key: &str, reason: String| ConfigError::Key {
         path: path.to_path_buf(),
         key: key.to_owned(),
@@ -106,26 +126,28 @@ fn file_args(
     };
     let mut extra = Vec::new();
     for (key, value) in &table {
-        let id = key.replace('-', "_");
+        let long = key.replace('_', "-");
         let arg = command
             .get_arguments()
-            .find(|a| a.get_id() == id.as_str() && a.get_long().is_some() && id != CONFIG_ARG)
+            .find(|a| a.get_long() == Some(long.as_str()) && is_settable(a))
             .ok_or_else(|| {
                 let known: Vec<String> = command
                     .get_arguments()
-                    .filter(|a| a.get_long().is_some() && a.get_id() != CONFIG_ARG && !a.is_hide_set())
-                    .map(|a| a.get_id().as_str().to_owned())
-                    .filter(|id| id != "help" && id != "version")
+                    .filter(|a| is_settable(a))
+                    .filter_map(|a| a.get_long())
+                    .map(|l| l.replace('-', "_"))
                     .collect();
-                key_error(key, format!("unknown key; known keys are: {}", known.join(", ")))
+                key_error(
+                    key,
+                    format!("unknown key; known keys are: {}", known.join(", ")),
+                )
             })?;
         if matches!(
-            matches.value_source(&id),
+            matches.value_source(arg.get_id().as_str()),
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         ) {
             continue;
         }
-        let long = arg.get_long().unwrap_or(key);
         let takes_values = arg.get_action().takes_values();
         let scalars = match value {
             toml::Value::Array(items) => items.iter().collect(),
@@ -145,11 +167,17 @@ fn file_args(
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Datetime(d) => d.to_string(),
                 toml::Value::Array(_) | toml::Value::Table(_) => {
-                    return Err(key_error(key, "expected a value, found a table or nested array".into()));
+                    return Err(key_error(
+                        key,
+                        "expected a value, found a table or nested array".into(),
+                    ));
                 }
             };
             if !takes_values {
-                return Err(key_error(key, format!("is a switch: write `{key} = true` or `false`")));
+                return Err(key_error(
+                    key,
+                    format!("is a switch: write `{key} = true` or `false`"),
+                ));
             }
             let flag = OsString::from(format!("--{long}={text}"));
             // Check the value with the flag's own parser, alone, so that the
@@ -162,6 +190,13 @@ fn file_args(
         }
     }
     Ok(extra)
+}
+
+/// Flags a config file may set: all but `--config`, `--help` and `--version`.
+fn is_settable(arg: &clap::Arg) -> bool {
+    arg.get_long().is_some()
+        && !arg.is_hide_set()
+        && !matches!(arg.get_id().as_str(), CONFIG_ARG | "help" | "version")
 }
 
 fn first_line(message: &str) -> String {
@@ -193,7 +228,10 @@ mod tests {
     }
 
     fn parse(args: &[&str], file: &str) -> Result<Args, ConfigError> {
-        let args = std::iter::once("prog").chain(args.iter().copied()).map(OsString::from).collect();
+        let args = std::iter::once("prog")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
         let file = file.to_owned();
         load_from(args, move |_| Ok(file.clone()))
     }
@@ -211,6 +249,24 @@ mod tests {
         assert_eq!(got.tags, ["a", "b"]);
     }
 
+    #[derive(Debug, Parser)]
+    struct NeedsName {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        name: String,
+    }
+
+    #[test]
+    fn a_required_flag_may_come_from_the_file() {
+        let args = ["prog", "--config", "t.toml"].map(OsString::from).to_vec();
+        let got: NeedsName = load_from(args, |_| Ok("name = \"shop\"\n".into())).expect("valid");
+        assert_eq!(got.name, "shop");
+        let args = ["prog", "--config", "t.toml"].map(OsString::from).to_vec();
+        let err = load_from::<NeedsName>(args, |_| Ok(String::new())).expect_err("still required");
+        assert!(err.to_string().contains("--name"), "{err}");
+    }
+
     #[test]
     fn defaults_without_a_file() {
         let got = parse(&[], "").expect("valid");
@@ -222,7 +278,10 @@ mod tests {
     fn unknown_keys_name_file_and_key() {
         let err = parse(&["--config", "t.toml"], "prot = 7\n").expect_err("unknown key");
         let text = err.to_string();
-        assert!(text.contains("t.toml") && text.contains("`prot`") && text.contains("unknown key"), "{text}");
+        assert!(
+            text.contains("t.toml") && text.contains("`prot`") && text.contains("unknown key"),
+            "{text}"
+        );
         assert!(text.contains("port"), "lists the known keys: {text}");
     }
 
@@ -230,7 +289,10 @@ mod tests {
     fn bad_values_name_file_key_and_reason() {
         let err = parse(&["--config", "t.toml"], "port = \"eighty\"\n").expect_err("bad value");
         let text = err.to_string();
-        assert!(text.starts_with("config file t.toml: key `port`: "), "{text}");
+        assert!(
+            text.starts_with("config file t.toml: key `port`: "),
+            "{text}"
+        );
         assert!(text.contains("eighty"), "{text}");
         let err = parse(&["--config", "t.toml"], "port = [[1]]\n").expect_err("nested");
         assert!(err.to_string().contains("`port`"), "{err}");
@@ -240,8 +302,14 @@ mod tests {
 
     #[test]
     fn unreadable_file_is_named() {
-        let args = ["prog", "--config", "/nope.toml"].map(OsString::from).to_vec();
-        let err = load_from::<Args>(args, |_| Err(std::io::Error::other("gone"))).expect_err("unreadable");
-        assert_eq!(err.to_string(), "config file /nope.toml: cannot read it: gone");
+        let args = ["prog", "--config", "/nope.toml"]
+            .map(OsString::from)
+            .to_vec();
+        let err = load_from::<Args>(args, |_| Err(std::io::Error::other("gone")))
+            .expect_err("unreadable");
+        assert_eq!(
+            err.to_string(),
+            "config file /nope.toml: cannot read it: gone"
+        );
     }
 }

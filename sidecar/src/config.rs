@@ -37,7 +37,11 @@ pub struct Config {
     pub instance: Option<String>,
 
     /// Collector's ingest gRPC endpoint.
-    #[arg(long, env = "TIDEMARK_COLLECTOR", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        env = "TIDEMARK_COLLECTOR",
+        default_value = "http://127.0.0.1:7400"
+    )]
     pub collector: http::Uri,
 
     /// How often usage is reported (at least 100ms).

@@ -59,7 +59,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
 
     let listener = bind(config.listen, "proxy").await?;
     let readiness = Readiness::default();
-    let pending = Arc::new(Pending::new(config.max_pending_batches, Arc::clone(&telemetry)));
+    let pending = Arc::new(Pending::new(
+        config.max_pending_batches,
+        Arc::clone(&telemetry),
+    ));
 
     // Shutdown runs in stages: proxy drained → last window closed → delivered.
     let (proxy_drained, after_proxy) = shutdown::channel();
@@ -100,7 +103,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     proxy_drained.fire();
     let _ = windows_task.await;
     windows_closed.fire();
-    if tokio::time::timeout(config.drain_timeout, deliver_task).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, deliver_task)
+        .await
+        .is_err()
+    {
         tracing::error!(
             pending = pending.len(),
             "shutting down with usage the collector has not acknowledged: it is lost"

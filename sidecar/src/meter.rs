@@ -74,7 +74,10 @@ impl Meters {
 
     /// A request started.
     pub fn begin(&self, now: Instant) {
-        let mut c = self.concurrency.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = self
+            .concurrency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         c.advance(now);
         c.in_flight += 1;
     }
@@ -82,7 +85,10 @@ impl Meters {
     /// A request that [`Meters::begin`] counted finished.
     pub fn end(&self, now: Instant, tenant: &str, outcome: Outcome) {
         {
-            let mut c = self.concurrency.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut c = self
+                .concurrency
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             c.advance(now);
             c.in_flight = c.in_flight.saturating_sub(1);
         }
@@ -98,7 +104,12 @@ impl Meters {
     }
 
     fn counters(&self, tenant: &str) -> Arc<TenantCounters> {
-        if let Some(c) = self.tenants.read().unwrap_or_else(PoisonError::into_inner).get(tenant) {
+        if let Some(c) = self
+            .tenants
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tenant)
+        {
             return Arc::clone(c);
         }
         let mut tenants = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
@@ -109,10 +120,17 @@ impl Meters {
     /// Tenants without requests in the window are left out.
     pub fn drain(&self, now: Instant) -> Window {
         let (concurrency, in_flight) = {
-            let mut c = self.concurrency.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut c = self
+                .concurrency
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             c.advance(now);
             let span = now.saturating_duration_since(c.window_start).as_micros();
-            let concurrency = if span == 0 { 0.0 } else { c.area as f64 / span as f64 };
+            let concurrency = if span == 0 {
+                0.0
+            } else {
+                c.area as f64 / span as f64
+            };
             c.area = 0;
             c.window_start = now;
             (concurrency, c.in_flight)
@@ -167,7 +185,11 @@ mod tests {
         meters.end(t0 + Duration::from_millis(500), "a", OK);
         meters.end(t0 + Duration::from_millis(500), "b", OK);
         let window = meters.drain(t0 + Duration::from_secs(1));
-        assert!((window.load.concurrency - 1.0).abs() < 1e-9, "{}", window.load.concurrency);
+        assert!(
+            (window.load.concurrency - 1.0).abs() < 1e-9,
+            "{}",
+            window.load.concurrency
+        );
         assert_eq!(window.load.requests, 2);
         assert_eq!(window.load.in_flight, 0);
     }

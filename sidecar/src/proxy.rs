@@ -48,7 +48,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(upstream: &Uri, tenant_header: HeaderName, meters: Arc<Meters>, telemetry: Arc<Telemetry>) -> Option<Proxy> {
+    pub fn new(
+        upstream: &Uri,
+        tenant_header: HeaderName,
+        meters: Arc<Meters>,
+        telemetry: Arc<Telemetry>,
+    ) -> Option<Proxy> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Some(Proxy {
@@ -71,7 +76,11 @@ impl Proxy {
             .unwrap_or(ANONYMOUS_TENANT)
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client_addr: SocketAddr,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let tenant = self.tenant_of(&req).to_owned();
         self.meters.begin(started);
@@ -100,7 +109,11 @@ impl Proxy {
 
     /// Points the request at the upstream, drops hop-by-hop headers and adds
     /// `X-Forwarded-For`.
-    fn rewrite(&self, req: &mut Request<Incoming>, client_addr: SocketAddr) -> Result<(), http::Error> {
+    fn rewrite(
+        &self,
+        req: &mut Request<Incoming>,
+        client_addr: SocketAddr,
+    ) -> Result<(), http::Error> {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         *req.uri_mut() = Uri::builder()
             .scheme(self.upstream_scheme.clone())
@@ -120,11 +133,14 @@ impl Proxy {
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 

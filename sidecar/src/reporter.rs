@@ -56,7 +56,11 @@ impl Pending {
         while batches.len() > self.max {
             if let Some((seq, lost)) = batches.pop_first() {
                 let requests: u64 = lost.tenants.iter().map(|t| t.requests).sum();
-                tracing::error!(seq, requests, "too many unacknowledged batches: dropping the oldest, its usage is lost");
+                tracing::error!(
+                    seq,
+                    requests,
+                    "too many unacknowledged batches: dropping the oldest, its usage is lost"
+                );
                 self.telemetry.batches_dropped.inc();
             }
         }
@@ -82,7 +86,10 @@ impl Pending {
     }
 
     pub fn len(&self) -> usize {
-        self.batches.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,7 +118,13 @@ fn unix_micros(t: SystemTime) -> i64 {
 
 /// Closes a window every `interval` and queues its batch; on shutdown closes
 /// the last, partial window too.
-pub async fn windows(identity: Identity, meters: Arc<Meters>, pending: Arc<Pending>, interval: Duration, mut shutdown: Shutdown) {
+pub async fn windows(
+    identity: Identity,
+    meters: Arc<Meters>,
+    pending: Arc<Pending>,
+    interval: Duration,
+    mut shutdown: Shutdown,
+) {
     let mut seq = 0u64;
     let mut window_start = unix_micros(SystemTime::now());
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -146,7 +159,12 @@ pub async fn windows(identity: Identity, meters: Arc<Meters>, pending: Arc<Pendi
 /// Delivers pending batches to the collector, reconnecting with backoff and
 /// jitter whenever the stream breaks, until `shutdown` fires and nothing is
 /// pending any more.
-pub async fn deliver(collector: http::Uri, pending: Arc<Pending>, telemetry: Arc<Telemetry>, mut shutdown: Shutdown) {
+pub async fn deliver(
+    collector: http::Uri,
+    pending: Arc<Pending>,
+    telemetry: Arc<Telemetry>,
+    mut shutdown: Shutdown,
+) {
     let mut failures = 0u32;
     loop {
         if shutdown.is_fired() && pending.is_empty() {
@@ -183,7 +201,10 @@ async fn stream_once(
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut replies = client.report(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut replies = client
+        .report(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
     tracing::info!(collector = %collector, "connected to the collector");
     let mut sent_up_to = None;
     loop {
@@ -199,23 +220,31 @@ async fn stream_once(
         tokio::select! {
             () = pending.added.notified() => {}
             reply = replies.message() => match reply? {
-                Some(reply) => match reply.result {
-                    Some(Reply::Ack(ack)) => {
-                        if pending.settle(ack.seq) {
-                            telemetry.batches_acked.inc();
-                        }
-                    }
-                    Some(Reply::Reject(reject)) => {
-                        pending.settle(reject.seq);
-                        telemetry.batches_rejected.inc();
-                        tracing::error!(seq = reject.seq, code = reject.code, reason = %reject.reason, "the collector refused a usage batch");
-                    }
-                    None => {}
-                },
+                Some(reply) => settle(pending, telemetry, reply.result),
                 None => return Err(tonic::Status::unavailable("the collector closed the stream")),
             },
             () = shutdown.wait(), if !shutdown.is_fired() => {}
         }
+    }
+}
+
+/// Forgets a batch the collector answered for.
+fn settle(pending: &Pending, telemetry: &Telemetry, reply: Option<Reply>) {
+    match reply {
+        Some(Reply::Ack(ack)) if pending.settle(ack.seq) => {
+            telemetry.batches_acked.inc();
+        }
+        Some(Reply::Reject(reject)) => {
+            pending.settle(reject.seq);
+            telemetry.batches_rejected.inc();
+            tracing::error!(
+                seq = reject.seq,
+                code = reject.code,
+                reason = %reject.reason,
+                "the collector refused a usage batch"
+            );
+        }
+        Some(Reply::Ack(_)) | None => {}
     }
 }
 

@@ -25,15 +25,31 @@ impl Telemetry {
             "Requests the upstream did not answer (answered 502)",
             t.upstream_errors.clone(),
         );
-        r.register("batches_sent", "Usage batches sent to the collector, resends included", t.batches_sent.clone());
-        r.register("batches_acked", "Usage batches the collector acknowledged", t.batches_acked.clone());
-        r.register("batches_rejected", "Usage batches the collector refused", t.batches_rejected.clone());
+        r.register(
+            "batches_sent",
+            "Usage batches sent to the collector, resends included",
+            t.batches_sent.clone(),
+        );
+        r.register(
+            "batches_acked",
+            "Usage batches the collector acknowledged",
+            t.batches_acked.clone(),
+        );
+        r.register(
+            "batches_rejected",
+            "Usage batches the collector refused",
+            t.batches_rejected.clone(),
+        );
         r.register(
             "batches_dropped",
             "Usage batches dropped unsent because too many were pending (lost usage)",
             t.batches_dropped.clone(),
         );
-        r.register("pending_batches", "Usage batches waiting for an acknowledgement", t.pending_batches.clone());
+        r.register(
+            "pending_batches",
+            "Usage batches waiting for an acknowledgement",
+            t.pending_batches.clone(),
+        );
         t
     }
 }

@@ -1,1 +1,295 @@
+//! Harness for Tidemark's end-to-end tests: runs the real binaries as child
+//! processes, finds their ports from their start-up log lines, and talks to
+//! the real services (Kafka, Postgres) started by `scripts/`.
+//!
+//! Tests that need Kafka or Postgres fail, never skip, when the service is
+//! not there: run them through `scripts/test`, which starts both.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// Path of a workspace binary, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, or run scripts/test)",
+        path.display()
+    );
+    path
+}
+
+/// The Kafka brokers `scripts/kafka start` runs. Fails the test without them.
+pub fn kafka_brokers() -> String {
+    std::env::var("TIDEMARK_KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!("TIDEMARK_KAFKA_BROKERS is not set: this test needs the real Kafka broker; run it through scripts/test")
+    })
+}
+
+/// A fresh, empty Postgres database on the server `scripts/postgres start`
+/// runs. Fails the test without it.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    let admin = std::env::var("TIDEMARK_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("TIDEMARK_DATABASE_URL is not set: this test needs the real Postgres server; run it through scripts/test")
+    });
+    let name = format!("tidemark_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach Postgres at {admin}: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// A unique topic name, so tests sharing one broker never see each other.
+pub fn unique_topic() -> String {
+    format!("tidemark.usage.test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A running binary. Its stderr is kept (and shown if the test fails); it is
+/// killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn start(name: &str, args: &[&str]) -> Proc {
+        Proc::start_with_env(name, args, &[])
+    }
+
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut command = Command::new(bin(name));
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // The parent's TIDEMARK_* settings (e.g. the broker list) must not
+        // leak into a child unless a test passes them explicitly.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("TIDEMARK_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().copied());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc {
+            name: name.to_owned(),
+            child,
+            lines,
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The address the process logged it listens on for `serves`.
+    pub fn address(&self, serves: &str) -> SocketAddr {
+        let needle = format!("serves=\"{serves}\"");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self.lines.lock().unwrap().iter().find_map(|line| {
+                if !line.contains("listening") || !line.contains(&needle) {
+                    return None;
+                }
+                let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+                addr.parse().ok()
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged that it listens for {serves}:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread catch up with the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "cannot signal {}", self.name);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// Kills the process at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- {} stderr -----\n{}\n-----", self.name, self.output());
+        }
+    }
+}
+
+/// A small upstream app: `/fail` answers 500, everything else 200 "hello".
+pub async fn start_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let status = if req.uri().path() == "/fail" {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::OK
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"hello")));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain HTTP/1.1 client.
+pub fn http_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GETs `url` with `headers`; returns status and body.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let mut request = Request::get(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = http_client()
+        .request(request.body(Empty::new()).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sends `count` requests for `tenant` through the proxy at `proxy`; all must
+/// succeed.
+pub async fn send_requests(proxy: SocketAddr, tenant: &str, count: usize) {
+    for _ in 0..count {
+        let (status, body) = get(&format!("http://{proxy}/work"), &[("x-tenant-id", tenant)]).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
+    }
+}
+
+/// The tenant's total of `meter` as billing's HTTP API reports it.
+pub async fn billed(api: SocketAddr, tenant: &str, meter: &str) -> i64 {
+    let (status, body) = get(
+        &format!("http://{api}/v1/usage?tenant={tenant}&meter={meter}"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["totals"][meter].as_i64().unwrap_or(0)
+}
+
+/// Waits until billing reports exactly `want` requests per tenant, then
+/// checks that the counts stay there (nothing counted twice later).
+pub async fn expect_billed_requests(api: SocketAddr, want: &[(&str, i64)], settle: Duration) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut got = Vec::new();
+        for (tenant, _) in want {
+            got.push((*tenant, billed(api, tenant, "requests").await));
+        }
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "billing never reached {want:?}; last saw {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(settle).await;
+    for (tenant, count) in want {
+        assert_eq!(
+            billed(api, tenant, "requests").await,
+            *count,
+            "{tenant} changed after settling"
+        );
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,184 @@
+//! Bad input harms nothing else: a malformed batch is refused with a reason
+//! while its stream goes on, the sidecar keeps serving while the collector is
+//! away, and bad settings fail at start with a clear message.
+
+use std::time::Duration;
+
+use tidemark_e2e::{
+    Proc, expect_billed_requests, free_port, kafka_brokers, send_requests, start_upstream,
+    unique_topic,
+};
+use tidemark_proto::v1::ingest_client::IngestClient;
+use tidemark_proto::v1::report_reply::Result as Reply;
+use tidemark_proto::v1::{TenantUsage, UsageBatch};
+
+fn batch(service: &str, seq: u64) -> UsageBatch {
+    UsageBatch {
+        service: service.into(),
+        instance: "i-1".into(),
+        session_id: "3f1c5a8e-0000-4000-8000-000000000001".into(),
+        seq,
+        window_start_unix_micros: 1_764_000_000_000_000,
+        window_end_unix_micros: 1_764_000_001_000_000,
+        tenants: vec![TenantUsage {
+            tenant: "acme".into(),
+            requests: 1,
+            ..TenantUsage::default()
+        }],
+        ..UsageBatch::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_batch_gets_invalid_argument_and_the_stream_goes_on() {
+    let brokers = kafka_brokers();
+    let collector = Proc::start(
+        "tidemark-collector",
+        &[
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            &format!("--kafka-brokers={brokers}"),
+            &format!("--usage-topic={}", unique_topic()),
+        ],
+    );
+    let addr = collector.address("ingest gRPC");
+    let mut client = IngestClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut bad = batch("", 0);
+    bad.window_end_unix_micros = bad.window_start_unix_micros;
+    let batches = vec![bad, batch("shop", 1)];
+    let mut replies = client
+        .report(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut results = Vec::new();
+    while let Some(reply) = replies.message().await.unwrap() {
+        results.push(reply.result.unwrap());
+    }
+    assert_eq!(results.len(), 2, "{results:?}");
+    match &results[0] {
+        Reply::Reject(r) => {
+            assert_eq!((r.seq, r.code), (0, tonic::Code::InvalidArgument as i32));
+            assert_eq!(r.reason, "service name is empty");
+        }
+        other => panic!("expected a reject, got {other:?}"),
+    }
+    match &results[1] {
+        Reply::Ack(a) => assert_eq!(a.seq, 1),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sidecar_serves_while_the_collector_is_down_and_delivers_later() {
+    let upstream = start_upstream().await;
+    let ingest_port = free_port();
+    let sidecar = Proc::start(
+        "tidemark-sidecar",
+        &[
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            &format!("--upstream=http://{upstream}"),
+            &format!("--collector=http://127.0.0.1:{ingest_port}"),
+            "--service=shop",
+            "--report-interval=100ms",
+        ],
+    );
+    let proxy = sidecar.address("proxy");
+    send_requests(proxy, "acme", 17).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send_requests(proxy, "globex", 5).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Proc::start(
+        "tidemark",
+        &[
+            "dev",
+            &format!("--data-dir={}", dir.path().display()),
+            &format!("--ingest-listen=127.0.0.1:{ingest_port}"),
+            "--api-listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--commit-interval=200ms",
+        ],
+    );
+    let api = dev.address("billing HTTP API");
+    expect_billed_requests(api, &[("acme", 17), ("globex", 5)], Duration::from_secs(1)).await;
+}
+
+#[test]
+fn a_bad_database_url_fails_at_start_with_a_clear_message() {
+    for (url, says) in [
+        (
+            "postgres://tidemark@127.0.0.1:1/nowhere",
+            "cannot open database postgres://tidemark@127.0.0.1:1/nowhere",
+        ),
+        (
+            "sqlite:/nonexistent-dir/sub/billing.db",
+            "cannot open database sqlite:/nonexistent-dir/sub/billing.db",
+        ),
+        ("mysql://db/x", "unsupported scheme"),
+    ] {
+        let mut billing = Proc::start(
+            "tidemark-billing",
+            &[
+                &format!("--database-url={url}"),
+                "--kafka-brokers=127.0.0.1:1",
+            ],
+        );
+        let status = billing.wait_exit(Duration::from_secs(60));
+        let output = billing.output();
+        assert!(!status.success(), "{url}: exited {status}");
+        assert!(
+            output.contains("check --database-url") && output.contains(says),
+            "{url}: {output}"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_broker_fails_at_start_with_a_clear_message() {
+    let mut collector = Proc::start(
+        "tidemark-collector",
+        &[
+            "--kafka-brokers=127.0.0.1:1",
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+        ],
+    );
+    let status = collector.wait_exit(Duration::from_secs(60));
+    let output = collector.output();
+    assert!(!status.success());
+    assert!(
+        output.contains("cannot reach Kafka at 127.0.0.1:1"),
+        "{output}"
+    );
+    assert!(output.contains("check --kafka-brokers"), "{output}");
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_fails_at_start_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &path,
+        "upstream = \"http://127.0.0.1:1\"\nservice = \"shop\"\nreport_intervall = \"1s\"\n",
+    )
+    .unwrap();
+    let mut sidecar = Proc::start(
+        "tidemark-sidecar",
+        &[&format!("--config={}", path.display())],
+    );
+    let status = sidecar.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let output = sidecar.output();
+    assert!(
+        output.contains(&format!(
+            "config file {}: key `report_intervall`: unknown key",
+            path.display()
+        )),
+        "{output}"
+    );
+}

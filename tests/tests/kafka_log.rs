@@ -1,0 +1,86 @@
+//! The Kafka backend of the usage log against the real broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tidemark_e2e::{kafka_brokers, unique_topic};
+use tidemark_log::kafka::KafkaConfig;
+use tidemark_log::{Log, LogConfig, TopicSpec};
+
+const RECORDS: usize = 30;
+const FIRST_READ: usize = 12;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_resumes_from_its_committed_offsets_with_nothing_lost_or_repeated() {
+    let log = Log::open(LogConfig::Kafka(KafkaConfig {
+        brokers: kafka_brokers(),
+        properties: Vec::new(),
+    }))
+    .await
+    .expect("the broker answers");
+    let topic = unique_topic();
+    log.ensure_topic(
+        &topic,
+        TopicSpec {
+            partitions: 3,
+            compacted: false,
+        },
+    )
+    .await
+    .expect("topic");
+    log.ensure_topic(
+        &topic,
+        TopicSpec {
+            partitions: 3,
+            compacted: false,
+        },
+    )
+    .await
+    .expect("creating an existing topic is fine");
+
+    let mut sent = BTreeSet::new();
+    for i in 0..RECORDS {
+        let key = format!("service-{}", i % 5);
+        let payload = format!("record-{i}");
+        log.append(&topic, key.as_bytes(), Bytes::from(payload.clone()))
+            .await
+            .expect("append");
+        sent.insert(payload);
+    }
+
+    let mut seen = BTreeSet::new();
+    {
+        let mut consumer = log.consumer(&topic, "round-trip").await.expect("consumer");
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        for _ in 0..FIRST_READ {
+            let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .expect("a record within 30s")
+                .expect("recv");
+            assert!(seen.insert(String::from_utf8(record.payload.to_vec()).unwrap()));
+            next.insert(record.partition, record.offset + 1);
+        }
+        let offsets: Vec<(i32, i64)> = next.into_iter().collect();
+        consumer.commit(&offsets).await.expect("commit");
+    } // the consumer leaves the group here
+
+    let mut consumer = log
+        .consumer(&topic, "round-trip")
+        .await
+        .expect("consumer again");
+    for _ in FIRST_READ..RECORDS {
+        let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("a record within 30s")
+            .expect("recv");
+        let payload = String::from_utf8(record.payload.to_vec()).unwrap();
+        assert!(
+            seen.insert(payload.clone()),
+            "{payload} was delivered twice"
+        );
+    }
+    assert_eq!(seen, sent, "every record exactly once");
+    let extra = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await;
+    assert!(extra.is_err(), "nothing beyond what was sent: {extra:?}");
+}

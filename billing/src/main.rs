@@ -16,7 +16,7 @@ use tidemark_runtime::admin::{self, AdminArgs, Readiness};
 /// Tidemark's billing worker: consumes usage from Kafka into an exact ledger
 /// and serves the usage query API.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark-billing", version)]
+#[command(name = "tidemark-billing", version, mut_arg("admin_listen", |a| a.default_value("127.0.0.1:7411")))]
 struct Args {
     /// TOML file with any of these settings (keys as the flags, `_` for `-`).
     #[arg(long, env = "TIDEMARK_CONFIG")]

@@ -13,6 +13,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run collector and billing in one process over an embedded log and SQLite.
+    #[command(mut_arg("admin_listen", |a| a.default_value("127.0.0.1:7401")))]
     Dev(tidemark::dev::DevArgs),
 }
 

@@ -12,7 +12,7 @@ use tidemark_runtime::admin::{self, AdminArgs, Readiness};
 /// Tidemark's collector: receives usage from sidecars over gRPC and appends
 /// it to the usage log in Kafka.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark-collector", version)]
+#[command(name = "tidemark-collector", version, mut_arg("admin_listen", |a| a.default_value("127.0.0.1:7401")))]
 struct Args {
     /// TOML file with any of these settings (keys as the flags, `_` for `-`).
     #[arg(long, env = "TIDEMARK_CONFIG")]

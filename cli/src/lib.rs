@@ -1,3 +1,5 @@
 //! The `tidemark` operator CLI. Each subcommand lives in its own module.
 
+pub mod demo_app;
 pub mod dev;
+pub mod loadgen;

@@ -15,6 +15,10 @@ enum Command {
     /// Run collector and billing in one process over an embedded log and SQLite.
     #[command(mut_arg("admin_listen", |a| a.default_value("127.0.0.1:7401")))]
     Dev(tidemark::dev::DevArgs),
+    /// Run a small, fast HTTP/1.1 app: the benchmark upstream and an app to try Tidemark with.
+    DemoApp(tidemark::demo_app::DemoAppArgs),
+    /// Send HTTP/1.1 load at a constant rate (or as fast as possible) and report latency percentiles.
+    Loadgen(tidemark::loadgen::LoadgenArgs),
 }
 
 #[tokio::main]
@@ -24,5 +28,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = tidemark_runtime::shutdown::on_signal();
     match cli.command {
         Command::Dev(args) => tidemark::dev::run(args, shutdown).await,
+        Command::DemoApp(args) => tidemark::demo_app::run(args, shutdown).await,
+        Command::Loadgen(args) => tidemark::loadgen::run(args, shutdown).await,
     }
 }

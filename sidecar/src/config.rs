@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use tidemark_runtime::config::duration;
 
+use crate::proxy::UpstreamProtocol;
+
 /// Shortest report interval: shorter windows cost more than they tell.
 pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -28,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "TIDEMARK_UPSTREAM")]
     pub upstream: http::Uri,
 
+    /// HTTP version towards the upstream: `auto` keeps the client's (HTTP/2
+    /// stays h2c, so gRPC passes through), or always `http1` or `http2` (h2c).
+    #[arg(long, env = "TIDEMARK_UPSTREAM_PROTOCOL", value_enum, default_value = "auto")]
+    pub upstream_protocol: UpstreamProtocol,
+
     /// Service this instance belongs to.
     #[arg(long, env = "TIDEMARK_SERVICE")]
     pub service: String,
@@ -37,12 +44,12 @@ pub struct Config {
     pub instance: Option<String>,
 
     /// Collector's ingest gRPC endpoint.
-    #[arg(
-        long,
-        env = "TIDEMARK_COLLECTOR",
-        default_value = "http://127.0.0.1:7400"
-    )]
+    #[arg(long, env = "TIDEMARK_COLLECTOR", default_value = "http://127.0.0.1:7400")]
     pub collector: http::Uri,
+
+    /// Bearer token sent to the collector (`authorization: Bearer ...`).
+    #[arg(long, env = "TIDEMARK_COLLECTOR_TOKEN", hide_env_values = true)]
+    pub collector_token: Option<String>,
 
     /// How often usage is reported (at least 100ms).
     #[arg(long, env = "TIDEMARK_REPORT_INTERVAL", value_parser = duration, default_value = "1s")]
@@ -52,8 +59,75 @@ pub struct Config {
     #[arg(long, env = "TIDEMARK_TENANT_HEADER", default_value = "x-tenant-id")]
     pub tenant_header: http::HeaderName,
 
-    #[command(flatten)]
-    pub admin: tidemark_runtime::admin::AdminArgs,
+    /// TOML file mapping API keys to tenants (`[keys]` table, key = tenant);
+    /// when given, the tenant comes from --api-key-header, not --tenant-header.
+    #[arg(long, env = "TIDEMARK_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+
+    /// Request header that carries the API key looked up in --api-keys.
+    #[arg(long, env = "TIDEMARK_API_KEY_HEADER", default_value = "x-api-key")]
+    pub api_key_header: http::HeaderName,
+
+    /// Most distinct tenants per window; requests of further tenants are
+    /// billed to `_overflow` and counted.
+    #[arg(long, env = "TIDEMARK_MAX_TENANTS", default_value_t = 10_000)]
+    pub max_tenants: usize,
+
+    /// Response header in which the app reports custom usage
+    /// (`tokens=532, images=2`); stripped before the client sees it.
+    #[arg(long, env = "TIDEMARK_USAGE_HEADER", default_value = "tidemark-usage")]
+    pub usage_header: http::HeaderName,
+
+    /// Billed duration is each request's duration rounded up to this step
+    /// (1ms like AWS Lambda, 100ms like Cloud Run).
+    #[arg(long, env = "TIDEMARK_BILLING_STEP", value_parser = duration, default_value = "1ms")]
+    pub billing_step: Duration,
+
+    /// Least billed duration of a request (100ms like Azure Functions).
+    #[arg(long, env = "TIDEMARK_BILLING_MINIMUM", value_parser = duration, default_value = "0s")]
+    pub billing_minimum: Duration,
+
+    /// Most requests forwarded at once (0: no limit).
+    #[arg(long, env = "TIDEMARK_MAX_CONCURRENCY", default_value_t = 0)]
+    pub max_concurrency: usize,
+
+    /// With --max-concurrency, most requests waiting for a slot; beyond, 503 at once.
+    #[arg(long, env = "TIDEMARK_MAX_QUEUE", default_value_t = 100)]
+    pub max_queue: usize,
+
+    /// Longest wait to connect to the upstream.
+    #[arg(long, env = "TIDEMARK_CONNECT_TIMEOUT", value_parser = duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+
+    /// Longest wait for the upstream's response headers (then 504).
+    #[arg(long, env = "TIDEMARK_UPSTREAM_TIMEOUT", value_parser = duration, default_value = "5m")]
+    pub upstream_timeout: Duration,
+
+    /// Longest wait for a client's request headers.
+    #[arg(long, env = "TIDEMARK_CLIENT_HEADER_TIMEOUT", value_parser = duration, default_value = "30s")]
+    pub client_header_timeout: Duration,
+
+    /// How long idle upstream connections are kept for reuse.
+    #[arg(long, env = "TIDEMARK_IDLE_TIMEOUT", value_parser = duration, default_value = "90s")]
+    pub idle_timeout: Duration,
+
+    /// The app's cgroup v2 directory, to sample its CPU and memory.
+    #[arg(long, env = "TIDEMARK_APP_CGROUP", conflicts_with = "app_pid")]
+    pub app_cgroup: Option<PathBuf>,
+
+    /// The app's process id, to sample its CPU and memory from /proc.
+    #[arg(long, env = "TIDEMARK_APP_PID")]
+    pub app_pid: Option<u32>,
+
+    /// Directory where batches wait, on disk, until the collector has them;
+    /// they are resent after a crash or restart. Without it, unacknowledged
+    /// usage lives in memory only.
+    #[arg(long, env = "TIDEMARK_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Most bytes the spool holds; beyond, batches wait in memory only.
+    #[arg(long, env = "TIDEMARK_SPOOL_MAX_BYTES", default_value_t = 256 << 20)]
+    pub spool_max_bytes: u64,
 
     /// Most unacknowledged batches kept in memory before the oldest is dropped (and counted).
     #[arg(long, env = "TIDEMARK_MAX_PENDING_BATCHES", default_value_t = 100_000)]
@@ -62,6 +136,9 @@ pub struct Config {
     /// How long shutdown waits for the collector to acknowledge the last batches.
     #[arg(long, env = "TIDEMARK_DRAIN_TIMEOUT", value_parser = duration, default_value = "10s")]
     pub drain_timeout: Duration,
+
+    #[command(flatten)]
+    pub admin: tidemark_runtime::admin::AdminArgs,
 }
 
 /// A setting that parses but cannot work.
@@ -81,6 +158,10 @@ pub enum InvalidConfig {
         name: String,
         reason: tidemark_core::ids::InvalidName,
     },
+    #[error("--billing-step must be at least 1µs")]
+    BillingStep,
+    #[error("--collector-token is not a valid header value")]
+    CollectorToken,
 }
 
 impl Config {
@@ -92,6 +173,9 @@ impl Config {
         }
         if self.upstream.scheme_str() != Some("http") || self.upstream.authority().is_none() {
             return Err(InvalidConfig::Upstream(self.upstream));
+        }
+        if self.billing_step < Duration::from_micros(1) {
+            return Err(InvalidConfig::BillingStep);
         }
         validate_name(&self.service).map_err(|reason| InvalidConfig::Service {
             name: self.service.clone(),

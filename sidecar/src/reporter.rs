@@ -1,24 +1,28 @@
-//! Turns each window's usage into a numbered batch and delivers it to the
-//! collector over the gRPC ingest stream.
+//! Turns each window's usage into a numbered batch, spools it, and delivers
+//! it to the collector over the gRPC ingest stream.
 //!
-//! A batch stays in [`Pending`] until the collector acks (or rejects) it; on
-//! every (re)connection all pending batches are sent again with their
-//! original `(session, seq)`, so the collector's consumers can drop
-//! duplicates and nothing acknowledged is lost.
+//! A batch stays in [`Pending`] (and in the spool) until the collector acks
+//! or rejects it; on every (re)connection all pending batches are sent again
+//! with their original `(session, seq)`, so the collector's consumers can
+//! drop duplicates and nothing acknowledged is lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use tidemark_core::UsageBatch;
+use tidemark_core::{ResourceSample, UsageBatch};
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
 use tidemark_runtime::shutdown::Shutdown;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::Interceptor;
+use tonic::transport::Endpoint;
 
-use crate::meter::Meters;
+use crate::meter::Tenants;
+use crate::resources::{self, Reading, Source};
+use crate::spool::{Spool, Stored};
 use crate::telemetry::Telemetry;
 
 /// Identity of this sidecar run.
@@ -29,85 +33,114 @@ pub struct Identity {
     pub session_id: String,
 }
 
-/// Batches waiting for the collector's answer, by `seq`.
+type BatchKey = (Arc<str>, u64);
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Pending batches in the order they were queued.
+    by_order: BTreeMap<u64, UsageBatch>,
+    order_of: HashMap<BatchKey, u64>,
+    next_order: u64,
+}
+
+/// Batches waiting for the collector's answer, oldest first.
 #[derive(Debug)]
 pub struct Pending {
-    batches: Mutex<BTreeMap<u64, UsageBatch>>,
+    queue: Mutex<Queue>,
     added: Notify,
-    settled: Notify,
     max: usize,
+    spool: Option<Arc<Spool>>,
     telemetry: Arc<Telemetry>,
 }
 
 impl Pending {
-    pub fn new(max: usize, telemetry: Arc<Telemetry>) -> Pending {
+    pub fn new(max: usize, spool: Option<Arc<Spool>>, telemetry: Arc<Telemetry>) -> Pending {
         Pending {
-            batches: Mutex::new(BTreeMap::new()),
+            queue: Mutex::new(Queue::default()),
             added: Notify::new(),
-            settled: Notify::new(),
             max: max.max(1),
+            spool,
             telemetry,
         }
     }
 
-    fn push(&self, batch: UsageBatch) {
-        let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
-        batches.insert(batch.seq, batch);
-        while batches.len() > self.max {
-            if let Some((seq, lost)) = batches.pop_first() {
-                let requests: u64 = lost.tenants.iter().map(|t| t.requests).sum();
-                tracing::error!(
-                    seq,
-                    requests,
-                    "too many unacknowledged batches: dropping the oldest, its usage is lost"
-                );
-                self.telemetry.batches_dropped.inc();
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a batch for delivery. Beyond the bound the oldest batch is
+    /// dropped, loudly: its usage is lost and its `seq` becomes a gap.
+    pub fn push(&self, batch: UsageBatch) {
+        let mut dropped = None;
+        {
+            let mut q = self.queue();
+            let order = q.next_order;
+            q.next_order += 1;
+            q.order_of.insert((batch.session_id.as_str().into(), batch.seq), order);
+            q.by_order.insert(order, batch);
+            if q.by_order.len() > self.max
+                && let Some((_, lost)) = q.by_order.pop_first()
+            {
+                q.order_of.remove(&(lost.session_id.as_str().into(), lost.seq));
+                dropped = Some(lost);
             }
+            self.telemetry.pending_batches.set(q.by_order.len() as i64);
         }
-        self.telemetry.pending_batches.set(batches.len() as i64);
-        drop(batches);
+        if let Some(lost) = dropped {
+            let requests: u64 = lost.tenants.iter().map(|t| t.requests).sum();
+            tracing::error!(
+                session = %lost.session_id,
+                seq = lost.seq,
+                requests,
+                "too many unacknowledged batches: dropping the oldest, its usage is lost"
+            );
+            self.telemetry.batches_dropped.inc();
+            self.forget_on_disk(&lost.session_id, lost.seq);
+        }
         self.added.notify_one();
     }
 
-    /// Batches with `seq` greater than `after`, in order.
-    fn after(&self, after: Option<u64>) -> Vec<UsageBatch> {
-        let batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
-        let from = after.map_or(0, |s| s + 1);
-        batches.range(from..).map(|(_, b)| b.clone()).collect()
+    /// Batches queued after position `after` (all if `None`), with the
+    /// position of the last one.
+    fn after(&self, after: Option<u64>) -> (Vec<UsageBatch>, Option<u64>) {
+        let q = self.queue();
+        let from = after.map_or(0, |o| o + 1);
+        let batches: Vec<UsageBatch> = q.by_order.range(from..).map(|(_, b)| b.clone()).collect();
+        let last = q.by_order.range(from..).next_back().map(|(o, _)| *o).or(after);
+        (batches, last)
     }
 
-    fn settle(&self, seq: u64) -> bool {
-        let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
-        let removed = batches.remove(&seq).is_some();
-        self.telemetry.pending_batches.set(batches.len() as i64);
-        drop(batches);
-        self.settled.notify_waiters();
+    /// Forgets a batch the collector answered for; false if it was not pending.
+    fn settle(&self, session: &str, seq: u64) -> bool {
+        let removed = {
+            let mut q = self.queue();
+            let removed = match q.order_of.remove(&(Arc::from(session), seq)) {
+                Some(order) => q.by_order.remove(&order).is_some(),
+                None => false,
+            };
+            self.telemetry.pending_batches.set(q.by_order.len() as i64);
+            removed
+        };
+        if removed {
+            self.forget_on_disk(session, seq);
+        }
         removed
     }
 
+    fn forget_on_disk(&self, session: &str, seq: u64) {
+        if let Some(spool) = &self.spool
+            && let Err(e) = spool.remove(session, seq)
+        {
+            tracing::warn!(session, seq, error = %e, "cannot remove a settled batch from the spool; it will be resent after a restart (and dropped as a duplicate)");
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.batches
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.queue().by_order.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Waits until no batch is pending, or `timeout` passes; true if empty.
-    pub async fn wait_empty(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let settled = self.settled.notified();
-            if self.is_empty() {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, settled).await.is_err() {
-                return self.is_empty();
-            }
-        }
     }
 }
 
@@ -116,66 +149,154 @@ fn unix_micros(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
-/// Closes a window every `interval` and queues its batch; on shutdown closes
-/// the last, partial window too.
-pub async fn windows(
-    identity: Identity,
-    meters: Arc<Meters>,
-    pending: Arc<Pending>,
-    interval: Duration,
-    mut shutdown: Shutdown,
-) {
-    let mut seq = 0u64;
-    let mut window_start = unix_micros(SystemTime::now());
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let last = tokio::select! {
-            _ = ticker.tick() => false,
-            () = shutdown.wait() => true,
+/// Reads the app's resources once per window.
+#[derive(Debug)]
+pub struct Sampler {
+    source: Source,
+    last: Option<Reading>,
+}
+
+impl Sampler {
+    pub fn new(source: Source) -> Sampler {
+        Sampler { source, last: None }
+    }
+
+    /// What the app used since the previous call (`None` the first time, or
+    /// if the reading failed).
+    fn sample(&mut self, window_micros: u64) -> Option<resources::Usage> {
+        let reading = match resources::read(&self.source) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(source = ?self.source, error = %e, "cannot read the app's resources");
+                return None;
+            }
         };
-        let window = meters.drain(Instant::now());
-        // Keep windows contiguous and never empty, even if the clock steps.
-        let window_end = unix_micros(SystemTime::now()).max(window_start + 1);
-        pending.push(UsageBatch {
-            service: identity.service.clone(),
-            instance: identity.instance.clone(),
-            session_id: identity.session_id.clone(),
-            seq,
-            window_start_unix_micros: window_start,
-            window_end_unix_micros: window_end,
-            load: Some(window.load),
-            tenants: window.tenants,
-            resources: None,
-        });
-        seq += 1;
-        window_start = window_end;
-        if last {
-            return;
+        let usage = self.last.map(|before| resources::between(before, reading, window_micros));
+        self.last = Some(reading);
+        usage
+    }
+}
+
+/// Everything that turns windows into batches.
+#[derive(Debug)]
+pub struct Windows {
+    pub identity: Identity,
+    pub tenants: Arc<Tenants>,
+    pub sampler: Option<Sampler>,
+    pub pending: Arc<Pending>,
+    pub spool: Option<Arc<Spool>>,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Windows {
+    /// Closes a window every `interval` and queues its batch; on shutdown
+    /// closes the last, partial window too.
+    pub async fn run(mut self, interval: Duration, mut shutdown: Shutdown) {
+        let mut seq = 0u64;
+        let mut window_start = unix_micros(SystemTime::now());
+        let mut last_close = self.tenants.clock().now();
+        if let Some(sampler) = self.sampler.as_mut() {
+            sampler.sample(0);
+        }
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut full_since: Option<u64> = None;
+        loop {
+            let last = tokio::select! {
+                _ = ticker.tick() => false,
+                () = shutdown.wait() => true,
+            };
+            let now = self.tenants.clock().now();
+            let resources = self
+                .sampler
+                .as_mut()
+                .and_then(|s| s.sample(now.saturating_sub(last_close)));
+            last_close = now;
+            let window = self.tenants.drain(now, resources);
+            // Keep windows contiguous and never empty, even if the clock steps.
+            let window_end = unix_micros(SystemTime::now()).max(window_start + 1);
+            let batch = UsageBatch {
+                service: self.identity.service.clone(),
+                instance: self.identity.instance.clone(),
+                session_id: self.identity.session_id.clone(),
+                seq,
+                window_start_unix_micros: window_start,
+                window_end_unix_micros: window_end,
+                load: Some(window.load),
+                tenants: window.tenants,
+                resources: resources.map(|r| ResourceSample {
+                    cpu_micros: r.cpu_micros,
+                    memory_bytes: r.memory_bytes,
+                }),
+                tenants_overflowed: window.tenants_overflowed,
+            };
+            self.telemetry.tenants_overflowed.inc_by(window.tenants_overflowed);
+            if let Some(spool) = &self.spool {
+                match spool.store(&batch) {
+                    Ok(Stored::Durable) => {
+                        if let Some(first) = full_since.take() {
+                            tracing::warn!(since_seq = first, "the spool has room again");
+                        }
+                    }
+                    Ok(Stored::Full) => {
+                        self.telemetry.batches_unspooled.inc();
+                        if full_since.is_none() {
+                            full_since = Some(seq);
+                            tracing::error!(seq, "the spool is full: new batches are kept in memory only and are lost if the sidecar crashes before the collector takes them");
+                        }
+                    }
+                    Err(e) => {
+                        self.telemetry.batches_unspooled.inc();
+                        tracing::error!(seq, error = %e, "cannot write a batch to the spool: it is kept in memory only");
+                    }
+                }
+                self.telemetry.spool_bytes.set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+            }
+            self.pending.push(batch);
+            seq += 1;
+            window_start = window_end;
+            if last {
+                return;
+            }
         }
     }
 }
 
+/// How the sidecar reaches the collector.
+#[derive(Debug, Clone)]
+pub struct CollectorLink {
+    pub endpoint: Endpoint,
+    /// Sent as `authorization: Bearer <token>`.
+    pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// Delivers pending batches to the collector, reconnecting with backoff and
-/// jitter whenever the stream breaks, until `shutdown` fires and nothing is
-/// pending any more.
-pub async fn deliver(
-    collector: http::Uri,
-    pending: Arc<Pending>,
-    telemetry: Arc<Telemetry>,
-    mut shutdown: Shutdown,
-) {
+/// jitter whenever the stream breaks, until `done` fires (no more batches
+/// will come) and nothing is pending any more.
+pub async fn deliver(link: CollectorLink, pending: Arc<Pending>, telemetry: Arc<Telemetry>, mut done: Shutdown) {
     let mut failures = 0u32;
     loop {
-        if shutdown.is_fired() && pending.is_empty() {
+        if done.is_fired() && pending.is_empty() {
             return;
         }
-        match stream_once(&collector, &pending, &telemetry, &mut shutdown).await {
+        match stream_once(&link, &pending, &telemetry, &mut done).await {
             Ok(()) => return,
             Err(e) => {
                 failures = failures.saturating_add(1);
                 let delay = backoff(failures);
-                tracing::warn!(collector = %collector, error = %e, retry_in = ?delay, pending = pending.len(), "collector unavailable; usage is kept until it is back");
+                tracing::warn!(collector = %link.endpoint.uri(), error = %e, retry_in = ?delay, pending = pending.len(), "collector unavailable; usage is kept until it is back");
                 tokio::time::sleep(delay).await;
             }
         }
@@ -190,31 +311,32 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// One connection: sends every pending batch, then each new one, and
-/// settles batches as answers come. Ok when shut down with nothing pending.
+/// settles batches as answers come. Ok when done with nothing pending.
 async fn stream_once(
-    collector: &http::Uri,
+    link: &CollectorLink,
     pending: &Pending,
     telemetry: &Telemetry,
-    shutdown: &mut Shutdown,
+    done: &mut Shutdown,
 ) -> Result<(), tonic::Status> {
-    let mut client = IngestClient::connect(collector.clone())
+    let channel = link
+        .endpoint
+        .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+    let mut client = IngestClient::with_interceptor(channel, Bearer(link.token.clone()));
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut replies = client
-        .report(UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    tracing::info!(collector = %collector, "connected to the collector");
+    let mut replies = client.report(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(collector = %link.endpoint.uri(), "connected to the collector");
     let mut sent_up_to = None;
     loop {
-        for batch in pending.after(sent_up_to) {
-            sent_up_to = Some(batch.seq);
+        let (batches, last) = pending.after(sent_up_to);
+        sent_up_to = last;
+        for batch in batches {
             telemetry.batches_sent.inc();
             tx.send(batch)
                 .map_err(|_| tonic::Status::unavailable("stream closed"))?;
         }
-        if shutdown.is_fired() && pending.is_empty() {
+        if done.is_fired() && pending.is_empty() {
             return Ok(());
         }
         tokio::select! {
@@ -223,7 +345,7 @@ async fn stream_once(
                 Some(reply) => settle(pending, telemetry, reply.result),
                 None => return Err(tonic::Status::unavailable("the collector closed the stream")),
             },
-            () = shutdown.wait(), if !shutdown.is_fired() => {}
+            () = done.wait(), if !done.is_fired() => {}
         }
     }
 }
@@ -231,13 +353,14 @@ async fn stream_once(
 /// Forgets a batch the collector answered for.
 fn settle(pending: &Pending, telemetry: &Telemetry, reply: Option<Reply>) {
     match reply {
-        Some(Reply::Ack(ack)) if pending.settle(ack.seq) => {
+        Some(Reply::Ack(ack)) if pending.settle(&ack.session_id, ack.seq) => {
             telemetry.batches_acked.inc();
         }
         Some(Reply::Reject(reject)) => {
-            pending.settle(reject.seq);
+            pending.settle(&reject.session_id, reject.seq);
             telemetry.batches_rejected.inc();
             tracing::error!(
+                session = %reject.session_id,
                 seq = reject.seq,
                 code = reject.code,
                 reason = %reject.reason,
@@ -261,21 +384,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pending_drops_the_oldest_beyond_its_bound_and_counts_it() {
-        let telemetry = Arc::new(Telemetry::default());
-        let pending = Pending::new(2, Arc::clone(&telemetry));
-        for seq in 0..3 {
-            pending.push(UsageBatch {
-                seq,
-                ..UsageBatch::default()
-            });
+    fn batch(session: &str, seq: u64) -> UsageBatch {
+        UsageBatch {
+            session_id: session.into(),
+            seq,
+            ..UsageBatch::default()
         }
-        let seqs: Vec<u64> = pending.after(None).iter().map(|b| b.seq).collect();
-        assert_eq!(seqs, [1, 2]);
+    }
+
+    #[test]
+    fn pending_keeps_queue_order_across_sessions_and_drops_the_oldest_beyond_its_bound() {
+        let telemetry = Arc::new(Telemetry::default());
+        let pending = Pending::new(3, None, Arc::clone(&telemetry));
+        // Replayed batches of an old session, then the current one's.
+        for (session, seq) in [("z-old", 4), ("z-old", 5), ("a-new", 0), ("a-new", 1)] {
+            pending.push(batch(session, seq));
+        }
+        let (all, last) = pending.after(None);
+        let keys: Vec<_> = all.iter().map(|b| (b.session_id.as_str(), b.seq)).collect();
+        assert_eq!(keys, [("z-old", 5), ("a-new", 0), ("a-new", 1)]);
         assert_eq!(telemetry.batches_dropped.get(), 1);
-        assert_eq!(pending.after(Some(1)).len(), 1);
-        assert!(pending.settle(1));
-        assert!(!pending.settle(1), "settling twice finds nothing");
+        pending.push(batch("a-new", 2));
+        let (new, _) = pending.after(last);
+        assert_eq!(new.iter().map(|b| b.seq).collect::<Vec<_>>(), [2], "only what came after");
+        assert!(pending.settle("a-new", 0));
+        assert!(!pending.settle("a-new", 0), "settling twice finds nothing");
+        assert!(!pending.settle("z-old", 4), "dropped batches are gone");
+        assert_eq!(pending.len(), 2);
+        assert_eq!(telemetry.batches_dropped.get(), 2);
     }
 }

@@ -1,0 +1,376 @@
+//! What a run measured: per-worker tallies, merged into one summary.
+
+use std::fmt;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latencies are recorded in nanoseconds, to 3 significant digits, up to an
+/// hour; longer ones are recorded as an hour.
+const HIGHEST_NANOS: u64 = 3_600 * 1_000_000_000;
+const SIGNIFICANT_DIGITS: u8 = 3;
+
+/// One worker's measurements. Workers tally alone; tallies are merged at the end.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    /// Latencies of the 2xx responses, from the scheduled time to the end of the body.
+    pub latency: Histogram<u64>,
+    /// How late requests were started against their scheduled time.
+    pub lag: Histogram<u64>,
+    pub ok: u64,
+    pub status_errors: u64,
+    pub io_errors: u64,
+    /// End of the last measured response, from the start of the measured window.
+    pub last_done: Duration,
+}
+
+/// How one measured request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// A response whose status is not 2xx.
+    Status(u16),
+    /// Connect, write or read failed.
+    Io,
+}
+
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally {
+            latency: histogram(),
+            lag: histogram(),
+            ok: 0,
+            status_errors: 0,
+            io_errors: 0,
+            last_done: Duration::ZERO,
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    match Histogram::new_with_bounds(1, HIGHEST_NANOS, SIGNIFICANT_DIGITS) {
+        Ok(h) => h,
+        // The bounds are constants that hdrhistogram accepts.
+        Err(e) => unreachable!("histogram bounds are valid: {e}"),
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Tally {
+    /// Records one measured request: its outcome, its latency (from the
+    /// scheduled time to the end of the response), how late it was started,
+    /// and when it ended (from the start of the measured window).
+    pub fn record(&mut self, outcome: Outcome, latency: Duration, lag: Duration, done: Duration) {
+        match outcome {
+            Outcome::Ok => {
+                self.ok += 1;
+                self.latency.saturating_record(nanos(latency).max(1));
+                self.lag.saturating_record(nanos(lag).max(1));
+            }
+            Outcome::Status(_) => self.status_errors += 1,
+            Outcome::Io => self.io_errors += 1,
+        }
+        self.last_done = self.last_done.max(done);
+    }
+
+    pub fn merge(&mut self, other: &Tally) {
+        // Same bounds on both sides, so adding cannot fail; saturate anyway.
+        for v in other.latency.iter_recorded() {
+            self.latency
+                .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+        }
+        for v in other.lag.iter_recorded() {
+            self.lag
+                .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+        }
+        self.ok += other.ok;
+        self.status_errors += other.status_errors;
+        self.io_errors += other.io_errors;
+        self.last_done = self.last_done.max(other.last_done);
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.status_errors + self.io_errors
+    }
+}
+
+/// The result of a run, as printed (and as `--json` writes it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub target: String,
+    /// Requests per second asked for; 0 for as fast as possible.
+    pub rate: u64,
+    pub connections: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    /// 2xx responses per second over the measured window.
+    pub achieved_rps: f64,
+    /// Measured requests that got a 2xx response.
+    pub count: u64,
+    /// Measured requests that failed: `status_errors + io_errors`.
+    pub errors: u64,
+    pub status_errors: u64,
+    pub io_errors: u64,
+    /// Measured requests scheduled but not finished when the run gave up on them.
+    pub unfinished: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    /// Median and p99 of how late requests were started: the generator's
+    /// own timer slack plus, when every connection was busy, the queueing wait.
+    pub lag_p50_us: f64,
+    pub lag_p99_us: f64,
+}
+
+/// How the run was set up, for the summary.
+#[derive(Debug, Clone)]
+pub struct RunShape {
+    pub target: String,
+    pub rate: u64,
+    pub connections: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Measured requests that were due (constant rate only).
+    pub scheduled: Option<u64>,
+}
+
+impl Summary {
+    pub fn new(shape: &RunShape, tally: &Tally) -> Summary {
+        let finished = tally.ok + tally.errors();
+        let unfinished = shape
+            .scheduled
+            .map_or(0, |scheduled| scheduled.saturating_sub(finished));
+        // The window is at least the asked duration: a closed loop stops
+        // starting requests at its end, a constant rate schedules up to it.
+        let window = tally.last_done.max(shape.duration);
+        let achieved_rps = if window.is_zero() {
+            0.0
+        } else {
+            tally.ok as f64 / window.as_secs_f64()
+        };
+        Summary {
+            target: shape.target.clone(),
+            rate: shape.rate,
+            connections: shape.connections,
+            duration_s: shape.duration.as_secs_f64(),
+            warmup_s: shape.warmup.as_secs_f64(),
+            achieved_rps: round1(achieved_rps),
+            count: tally.ok,
+            errors: tally.errors(),
+            status_errors: tally.status_errors,
+            io_errors: tally.io_errors,
+            unfinished,
+            p50_us: quantile_us(&tally.latency, 0.50),
+            p90_us: quantile_us(&tally.latency, 0.90),
+            p99_us: quantile_us(&tally.latency, 0.99),
+            p999_us: quantile_us(&tally.latency, 0.999),
+            max_us: micros(tally.latency.max()),
+            lag_p50_us: quantile_us(&tally.lag, 0.50),
+            lag_p99_us: quantile_us(&tally.lag, 0.99),
+        }
+    }
+}
+
+/// The latency at `q` in microseconds, to 0.1 µs; 0 when nothing was recorded.
+pub fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        return 0.0;
+    }
+    micros(h.value_at_quantile(q))
+}
+
+fn micros(nanos: u64) -> f64 {
+    round1(nanos as f64 / 1_000.0)
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "target      {}", self.target)?;
+        if self.rate == 0 {
+            writeln!(
+                f,
+                "load        as fast as possible (closed loop), {} connections, {}s after {}s warmup",
+                self.connections, self.duration_s, self.warmup_s
+            )?;
+        } else {
+            writeln!(
+                f,
+                "load        {} req/s constant (latency from scheduled time), {} connections, {}s after {}s warmup",
+                self.rate, self.connections, self.duration_s, self.warmup_s
+            )?;
+        }
+        writeln!(
+            f,
+            "achieved    {:.1} req/s: {} ok, {} errors ({} non-2xx, {} I/O), {} unfinished",
+            self.achieved_rps,
+            self.count,
+            self.errors,
+            self.status_errors,
+            self.io_errors,
+            self.unfinished
+        )?;
+        writeln!(
+            f,
+            "latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+            self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
+        )?;
+        write!(
+            f,
+            "start lag µs  p50 {:.1}  p99 {:.1}",
+            self.lag_p50_us, self.lag_p99_us
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    fn shape(rate: u64, scheduled: Option<u64>) -> RunShape {
+        RunShape {
+            target: "http://127.0.0.1:1/".into(),
+            rate,
+            connections: 4,
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            scheduled,
+        }
+    }
+
+    #[test]
+    fn percentiles_of_a_uniform_spread() {
+        let mut t = Tally::default();
+        for i in 1..=10_000 {
+            t.record(Outcome::Ok, us(i), Duration::ZERO, us(i));
+        }
+        let s = Summary::new(&shape(10_000, Some(10_000)), &t);
+        // 3 significant digits: values are within 0.1% of the true ones.
+        let near = |got: f64, want: f64| (got - want).abs() <= want * 0.001 + 0.1;
+        assert!(near(s.p50_us, 5_000.0), "{}", s.p50_us);
+        assert!(near(s.p90_us, 9_000.0), "{}", s.p90_us);
+        assert!(near(s.p99_us, 9_900.0), "{}", s.p99_us);
+        assert!(near(s.p999_us, 9_990.0), "{}", s.p999_us);
+        assert!(near(s.max_us, 10_000.0), "{}", s.max_us);
+        assert_eq!(s.count, 10_000);
+        assert_eq!(s.unfinished, 0);
+    }
+
+    #[test]
+    fn one_slow_request_in_a_thousand_shows_at_p999() {
+        let mut t = Tally::default();
+        for _ in 0..999 {
+            t.record(Outcome::Ok, us(100), Duration::ZERO, us(1));
+        }
+        t.record(
+            Outcome::Ok,
+            Duration::from_millis(50),
+            Duration::ZERO,
+            us(1),
+        );
+        let s = Summary::new(&shape(1000, None), &t);
+        assert_eq!(s.p50_us, 100.0);
+        assert_eq!(s.p99_us, 100.0);
+        assert!(s.p999_us <= 100.1, "{}", s.p999_us);
+        assert!((s.max_us - 50_000.0).abs() <= 50.0, "{}", s.max_us);
+        let mut t2 = t.clone();
+        t2.record(
+            Outcome::Ok,
+            Duration::from_millis(50),
+            Duration::ZERO,
+            us(1),
+        );
+        let s2 = Summary::new(&shape(1000, None), &t2);
+        assert!(s2.p999_us >= 49_950.0, "{}", s2.p999_us);
+    }
+
+    #[test]
+    fn errors_are_counted_but_not_timed() {
+        let mut t = Tally::default();
+        t.record(Outcome::Ok, us(100), us(3), us(10));
+        t.record(Outcome::Status(502), us(1), Duration::ZERO, us(20));
+        t.record(Outcome::Io, us(1), Duration::ZERO, us(30));
+        let s = Summary::new(&shape(10, Some(5)), &t);
+        assert_eq!((s.count, s.errors), (1, 2));
+        assert_eq!((s.status_errors, s.io_errors), (1, 1));
+        assert_eq!(s.unfinished, 2);
+        assert_eq!(s.p50_us, 100.0);
+        assert_eq!(s.lag_p50_us, 3.0);
+    }
+
+    #[test]
+    fn merging_adds_up() {
+        let mut a = Tally::default();
+        let mut b = Tally::default();
+        for _ in 0..3 {
+            a.record(Outcome::Ok, us(10), Duration::ZERO, us(5));
+        }
+        b.record(
+            Outcome::Ok,
+            us(1000),
+            Duration::ZERO,
+            Duration::from_secs(2),
+        );
+        b.record(Outcome::Io, us(1), Duration::ZERO, us(1));
+        a.merge(&b);
+        assert_eq!((a.ok, a.io_errors), (4, 1));
+        assert_eq!(a.latency.len(), 4);
+        assert_eq!(a.last_done, Duration::from_secs(2));
+        assert!(a.latency.max() >= 999_000);
+    }
+
+    #[test]
+    fn achieved_rate_is_over_the_window() {
+        let mut t = Tally::default();
+        for i in 0..500 {
+            t.record(Outcome::Ok, us(50), Duration::ZERO, us(i * 2_000));
+        }
+        // Finished within the asked second: 500 in 1 s.
+        assert_eq!(Summary::new(&shape(500, None), &t).achieved_rps, 500.0);
+        // The last one ended at 2 s: 501 in 2 s.
+        t.record(Outcome::Ok, us(50), Duration::ZERO, Duration::from_secs(2));
+        assert_eq!(Summary::new(&shape(500, None), &t).achieved_rps, 250.5);
+    }
+
+    #[test]
+    fn an_empty_run_reports_zeros() {
+        let s = Summary::new(&shape(0, None), &Tally::default());
+        assert_eq!(
+            (s.count, s.p50_us, s.max_us, s.achieved_rps),
+            (0, 0.0, 0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let s = Summary::new(&shape(0, None), &Tally::default());
+        let json = serde_json::to_value(&s).unwrap();
+        for key in [
+            "target",
+            "rate",
+            "achieved_rps",
+            "count",
+            "errors",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+    }
+}

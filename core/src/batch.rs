@@ -120,7 +120,7 @@ mod tests {
                     ..TenantUsage::default()
                 },
             ],
-            resources: None,
+            ..UsageBatch::default()
         }
     }
 

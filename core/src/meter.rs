@@ -11,16 +11,20 @@ pub enum Meter {
     BilledDurationMicros,
     BytesIn,
     BytesOut,
+    CpuMicros,
+    MemoryByteMicros,
 }
 
 impl Meter {
-    pub const ALL: [Meter; 6] = [
+    pub const ALL: [Meter; 8] = [
         Meter::Requests,
         Meter::Errors,
         Meter::DurationMicros,
         Meter::BilledDurationMicros,
         Meter::BytesIn,
         Meter::BytesOut,
+        Meter::CpuMicros,
+        Meter::MemoryByteMicros,
     ];
 
     /// The name users see in queries and invoices.
@@ -32,6 +36,8 @@ impl Meter {
             Meter::BilledDurationMicros => "billed_duration_us",
             Meter::BytesIn => "bytes_in",
             Meter::BytesOut => "bytes_out",
+            Meter::CpuMicros => "cpu_us",
+            Meter::MemoryByteMicros => "memory_byte_us",
         }
     }
 
@@ -48,6 +54,8 @@ impl Meter {
             Meter::BilledDurationMicros => usage.billed_duration_micros,
             Meter::BytesIn => usage.bytes_in,
             Meter::BytesOut => usage.bytes_out,
+            Meter::CpuMicros => usage.cpu_micros,
+            Meter::MemoryByteMicros => usage.memory_byte_micros,
         }
     }
 }
@@ -73,9 +81,11 @@ mod tests {
             billed_duration_micros: 4,
             bytes_in: 5,
             bytes_out: 6,
+            cpu_micros: 7,
+            memory_byte_micros: 8,
             ..TenantUsage::default()
         };
         let got: Vec<u64> = Meter::ALL.iter().map(|m| m.quantity(&usage)).collect();
-        assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(got, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     }
 }

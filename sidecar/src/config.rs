@@ -32,7 +32,12 @@ pub struct Config {
 
     /// HTTP version towards the upstream: `auto` keeps the client's (HTTP/2
     /// stays h2c, so gRPC passes through), or always `http1` or `http2` (h2c).
-    #[arg(long, env = "TIDEMARK_UPSTREAM_PROTOCOL", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        env = "TIDEMARK_UPSTREAM_PROTOCOL",
+        value_enum,
+        default_value = "auto"
+    )]
     pub upstream_protocol: UpstreamProtocol,
 
     /// Service this instance belongs to.
@@ -44,7 +49,11 @@ pub struct Config {
     pub instance: Option<String>,
 
     /// Collector's ingest gRPC endpoint.
-    #[arg(long, env = "TIDEMARK_COLLECTOR", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        env = "TIDEMARK_COLLECTOR",
+        default_value = "http://127.0.0.1:7400"
+    )]
     pub collector: http::Uri,
 
     /// Bearer token sent to the collector (`authorization: Bearer ...`).

@@ -42,9 +42,9 @@ fn parse_item(item: &str) -> Result<(&str, u64), BadItem> {
     let (name, value) = (name.trim(), value.trim());
     let name_ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'));
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        });
     if !name_ok {
         return Err(BadItem::BadName(name.to_owned()));
     }
@@ -56,7 +56,11 @@ pub fn parse_decimal(text: &str) -> Result<u64, BadItem> {
     let bad = || BadItem::BadValue(text.to_owned());
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > SCALE_DIGITS as usize {
+    if whole.is_empty()
+        || !digits(whole)
+        || !digits(fraction)
+        || fraction.len() > SCALE_DIGITS as usize
+    {
         return Err(bad());
     }
     if text.ends_with('.') {
@@ -67,7 +71,8 @@ pub fn parse_decimal(text: &str) -> Result<u64, BadItem> {
     let fraction: u64 = if fraction.is_empty() {
         0
     } else {
-        fraction.parse::<u64>().map_err(|_| bad())? * 10u64.pow(SCALE_DIGITS - fraction.len() as u32)
+        fraction.parse::<u64>().map_err(|_| bad())?
+            * 10u64.pow(SCALE_DIGITS - fraction.len() as u32)
     };
     whole
         .checked_mul(SCALE)
@@ -119,7 +124,10 @@ mod tests {
         assert_eq!(items[6], Err(BadItem::BadValue("0.1234567891".into())));
         assert_eq!(items[7], Err(BadItem::BadValue("1.".into())));
         assert_eq!(items[8], Err(BadItem::BadValue(".5".into())));
-        assert_eq!(items[9], Err(BadItem::TooLarge("99999999999999999999".into())));
+        assert_eq!(
+            items[9],
+            Err(BadItem::TooLarge("99999999999999999999".into()))
+        );
         assert_eq!(items[10], Ok(("ok", 7 * SCALE)));
         assert_eq!(items.len(), 11, "empty items are skipped");
     }
@@ -127,7 +135,10 @@ mod tests {
     #[test]
     fn the_largest_value_fits_and_one_more_does_not() {
         assert_eq!(parse_decimal("18446744073.709551615"), Ok(u64::MAX));
-        assert!(matches!(parse_decimal("18446744073.709551616"), Err(BadItem::TooLarge(_))));
+        assert!(matches!(
+            parse_decimal("18446744073.709551616"),
+            Err(BadItem::TooLarge(_))
+        ));
     }
 
     #[test]

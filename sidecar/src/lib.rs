@@ -110,7 +110,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
             (Some(Arc::new(spool)), leftovers)
         }
         None => {
-            tracing::warn!("no --spool-dir: usage not yet acknowledged by the collector is lost if the sidecar crashes");
+            tracing::warn!(
+                "no --spool-dir: usage not yet acknowledged by the collector is lost if the sidecar crashes"
+            );
             (None, Vec::new())
         }
     };
@@ -120,7 +122,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
         Arc::clone(&telemetry),
     ));
     if !leftovers.is_empty() {
-        tracing::info!(batches = leftovers.len(), "resending batches a previous run left in the spool");
+        tracing::info!(
+            batches = leftovers.len(),
+            "resending batches a previous run left in the spool"
+        );
     }
     for batch in leftovers {
         pending.push(batch);
@@ -136,7 +141,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     // Shutdown runs in stages: proxy drained → last window closed → delivered.
     let (proxy_drained, after_proxy) = shutdown::channel();
     let (windows_closed, after_windows) = shutdown::channel();
-    let admin_task = admin::spawn(config.admin.admin_listen, registry, readiness.clone(), after_windows.clone()).await?;
+    let admin_task = admin::spawn(
+        config.admin.admin_listen,
+        registry,
+        readiness.clone(),
+        after_windows.clone(),
+    )
+    .await?;
     let windows = Windows {
         identity: identity.clone(),
         tenants,
@@ -167,7 +178,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     proxy_drained.fire();
     let _ = windows_task.await;
     windows_closed.fire();
-    if tokio::time::timeout(config.drain_timeout, deliver_task).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, deliver_task)
+        .await
+        .is_err()
+    {
         tracing::error!(
             pending = pending.len(),
             spooled = config.spool_dir.is_some(),

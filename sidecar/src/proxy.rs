@@ -32,8 +32,8 @@ use crate::body::{BilledDuration, RequestBody, RequestEnd, ResponseBody};
 use crate::breaker::Breaker;
 use crate::custom_usage;
 use crate::meter::Tenants;
-use crate::tenant::{Resolved, TenantSource};
 use crate::telemetry::Telemetry;
+use crate::tenant::{Resolved, TenantSource};
 
 /// Headers that describe one hop and must not be forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -91,7 +91,11 @@ pub struct Proxy {
 
 impl Proxy {
     /// `None` if the upstream URI has no scheme or host.
-    pub fn new(settings: ProxySettings, meters: Arc<Tenants>, telemetry: Arc<Telemetry>) -> Option<Proxy> {
+    pub fn new(
+        settings: ProxySettings,
+        meters: Arc<Tenants>,
+        telemetry: Arc<Telemetry>,
+    ) -> Option<Proxy> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -109,14 +113,19 @@ impl Proxy {
             authority: settings.upstream.authority()?.clone(),
             http1: client(false),
             http2: client(true),
-            breaker: (settings.max_concurrency > 0).then(|| Breaker::new(settings.max_concurrency, settings.max_queue)),
+            breaker: (settings.max_concurrency > 0)
+                .then(|| Breaker::new(settings.max_concurrency, settings.max_queue)),
             settings,
             meters,
             telemetry,
         })
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, client_addr: SocketAddr) -> Response<ResponseBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client_addr: SocketAddr,
+    ) -> Response<ResponseBody> {
         let clock = self.meters.clock();
         let resolved = self.settings.tenants.resolve(req.headers());
         if resolved == Resolved::Invalid {
@@ -134,34 +143,56 @@ impl Proxy {
                 }
             },
         };
-        let mut end = RequestEnd::new(meter, clock, clock.now(), self.settings.billing, Arc::clone(&self.telemetry), permit);
+        let mut end = RequestEnd::new(
+            meter,
+            clock,
+            clock.now(),
+            self.settings.billing,
+            Arc::clone(&self.telemetry),
+            permit,
+        );
 
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if let Err(e) = self.rewrite(&mut parts, client_addr, upgrade) {
             end.status = StatusCode::BAD_REQUEST.as_u16();
-            return plain(StatusCode::BAD_REQUEST, &format!("cannot forward this request: {e}\n"), Some(end));
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot forward this request: {e}\n"),
+                Some(end),
+            );
         }
-        let client = if parts.version == Version::HTTP_2 { &self.http2 } else { &self.http1 };
+        let client = if parts.version == Version::HTTP_2 {
+            &self.http2
+        } else {
+            &self.http1
+        };
         let request = Request::from_parts(parts, RequestBody::new(body, Arc::clone(end.meter())));
 
-        let mut response = match tokio::time::timeout(self.settings.upstream_timeout, client.request(request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "upstream request failed");
-                self.telemetry.upstream_errors.inc();
-                end.status = StatusCode::BAD_GATEWAY.as_u16();
-                end.error = true;
-                return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", Some(end));
-            }
-            Err(_) => {
-                self.telemetry.upstream_errors.inc();
-                end.status = StatusCode::GATEWAY_TIMEOUT.as_u16();
-                end.error = true;
-                return plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", Some(end));
-            }
-        };
+        let mut response =
+            match tokio::time::timeout(self.settings.upstream_timeout, client.request(request))
+                .await
+            {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "upstream request failed");
+                    self.telemetry.upstream_errors.inc();
+                    end.status = StatusCode::BAD_GATEWAY.as_u16();
+                    end.error = true;
+                    return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", Some(end));
+                }
+                Err(_) => {
+                    self.telemetry.upstream_errors.inc();
+                    end.status = StatusCode::GATEWAY_TIMEOUT.as_u16();
+                    end.error = true;
+                    return plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream timed out\n",
+                        Some(end),
+                    );
+                }
+            };
         end.status = response.status().as_u16();
         end.error = response.status().is_server_error();
         self.take_custom_usage(response.headers_mut(), &end);
@@ -179,12 +210,18 @@ impl Proxy {
 
     /// Points the request at the upstream, sets its version, drops hop-by-hop
     /// headers (keeping an upgrade's) and adds `X-Forwarded-*`.
-    fn rewrite(&self, parts: &mut http::request::Parts, client_addr: SocketAddr, upgrade: bool) -> Result<(), http::Error> {
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    fn rewrite(
+        &self,
+        parts: &mut http::request::Parts,
+        client_addr: SocketAddr,
+        upgrade: bool,
+    ) -> Result<(), http::Error> {
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::builder()
             .scheme(self.scheme.clone())
@@ -192,13 +229,17 @@ impl Proxy {
             .path_and_query(path)
             .build()?;
         parts.version = match (self.settings.upstream_protocol, parts.version) {
-            (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Auto, Version::HTTP_2) => Version::HTTP_2,
+            (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Auto, Version::HTTP_2) => {
+                Version::HTTP_2
+            }
             _ => Version::HTTP_11,
         };
         let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
         if upgrade && let Some(protocol) = upgrade_to {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
         }
         if parts.version == Version::HTTP_2 {
@@ -209,7 +250,9 @@ impl Proxy {
         if let Ok(ip) = HeaderValue::from_str(&client_addr.ip().to_string()) {
             parts.headers.append(X_FORWARDED_FOR, ip);
         }
-        parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         if let Some(host) = host {
             parts.headers.insert(X_FORWARDED_HOST, host);
         }
@@ -274,7 +317,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Copies bytes both ways between an upgraded client and upstream, counting
 /// them; the request ends when the tunnel closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, end: RequestEnd) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    end: RequestEnd,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -296,9 +343,10 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 fn plain(status: StatusCode, body: &str, end: Option<RequestEnd>) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_owned()), end));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -347,10 +395,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();

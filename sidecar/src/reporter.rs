@@ -76,12 +76,14 @@ impl Pending {
             let mut q = self.queue();
             let order = q.next_order;
             q.next_order += 1;
-            q.order_of.insert((batch.session_id.as_str().into(), batch.seq), order);
+            q.order_of
+                .insert((batch.session_id.as_str().into(), batch.seq), order);
             q.by_order.insert(order, batch);
             if q.by_order.len() > self.max
                 && let Some((_, lost)) = q.by_order.pop_first()
             {
-                q.order_of.remove(&(lost.session_id.as_str().into(), lost.seq));
+                q.order_of
+                    .remove(&(lost.session_id.as_str().into(), lost.seq));
                 dropped = Some(lost);
             }
             self.telemetry.pending_batches.set(q.by_order.len() as i64);
@@ -106,7 +108,12 @@ impl Pending {
         let q = self.queue();
         let from = after.map_or(0, |o| o + 1);
         let batches: Vec<UsageBatch> = q.by_order.range(from..).map(|(_, b)| b.clone()).collect();
-        let last = q.by_order.range(from..).next_back().map(|(o, _)| *o).or(after);
+        let last = q
+            .by_order
+            .range(from..)
+            .next_back()
+            .map(|(o, _)| *o)
+            .or(after);
         (batches, last)
     }
 
@@ -171,7 +178,9 @@ impl Sampler {
                 return None;
             }
         };
-        let usage = self.last.map(|before| resources::between(before, reading, window_micros));
+        let usage = self
+            .last
+            .map(|before| resources::between(before, reading, window_micros));
         self.last = Some(reading);
         usage
     }
@@ -230,7 +239,9 @@ impl Windows {
                 }),
                 tenants_overflowed: window.tenants_overflowed,
             };
-            self.telemetry.tenants_overflowed.inc_by(window.tenants_overflowed);
+            self.telemetry
+                .tenants_overflowed
+                .inc_by(window.tenants_overflowed);
             if let Some(spool) = &self.spool {
                 match spool.store(&batch) {
                     Ok(Stored::Durable) => {
@@ -242,7 +253,10 @@ impl Windows {
                         self.telemetry.batches_unspooled.inc();
                         if full_since.is_none() {
                             full_since = Some(seq);
-                            tracing::error!(seq, "the spool is full: new batches are kept in memory only and are lost if the sidecar crashes before the collector takes them");
+                            tracing::error!(
+                                seq,
+                                "the spool is full: new batches are kept in memory only and are lost if the sidecar crashes before the collector takes them"
+                            );
                         }
                     }
                     Err(e) => {
@@ -250,7 +264,9 @@ impl Windows {
                         tracing::error!(seq, error = %e, "cannot write a batch to the spool: it is kept in memory only");
                     }
                 }
-                self.telemetry.spool_bytes.set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+                self.telemetry
+                    .spool_bytes
+                    .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
             }
             self.pending.push(batch);
             seq += 1;
@@ -274,9 +290,14 @@ pub struct CollectorLink {
 struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
-            request.metadata_mut().insert("authorization", token.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
         }
         Ok(request)
     }
@@ -285,7 +306,12 @@ impl Interceptor for Bearer {
 /// Delivers pending batches to the collector, reconnecting with backoff and
 /// jitter whenever the stream breaks, until `done` fires (no more batches
 /// will come) and nothing is pending any more.
-pub async fn deliver(link: CollectorLink, pending: Arc<Pending>, telemetry: Arc<Telemetry>, mut done: Shutdown) {
+pub async fn deliver(
+    link: CollectorLink,
+    pending: Arc<Pending>,
+    telemetry: Arc<Telemetry>,
+    mut done: Shutdown,
+) {
     let mut failures = 0u32;
     loop {
         if done.is_fired() && pending.is_empty() {
@@ -325,7 +351,10 @@ async fn stream_once(
         .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
     let mut client = IngestClient::with_interceptor(channel, Bearer(link.token.clone()));
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut replies = client.report(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut replies = client
+        .report(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
     tracing::info!(collector = %link.endpoint.uri(), "connected to the collector");
     let mut sent_up_to = None;
     loop {
@@ -406,7 +435,11 @@ mod tests {
         assert_eq!(telemetry.batches_dropped.get(), 1);
         pending.push(batch("a-new", 2));
         let (new, _) = pending.after(last);
-        assert_eq!(new.iter().map(|b| b.seq).collect::<Vec<_>>(), [2], "only what came after");
+        assert_eq!(
+            new.iter().map(|b| b.seq).collect::<Vec<_>>(),
+            [2],
+            "only what came after"
+        );
         assert!(pending.settle("a-new", 0));
         assert!(!pending.settle("a-new", 0), "settling twice finds nothing");
         assert!(!pending.settle("z-old", 4), "dropped batches are gone");

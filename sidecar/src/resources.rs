@@ -39,8 +39,12 @@ pub fn read(source: &Source) -> io::Result<Reading> {
             memory_bytes: number(&std::fs::read_to_string(dir.join("memory.current"))?)?,
         }),
         Source::Process(pid) => Ok(Reading {
-            cpu_micros: schedstat_micros(&std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?)?,
-            memory_bytes: status_rss_bytes(&std::fs::read_to_string(format!("/proc/{pid}/status"))?)?,
+            cpu_micros: schedstat_micros(&std::fs::read_to_string(format!(
+                "/proc/{pid}/schedstat"
+            ))?)?,
+            memory_bytes: status_rss_bytes(&std::fs::read_to_string(format!(
+                "/proc/{pid}/status"
+            ))?)?,
         }),
     }
 }
@@ -86,12 +90,16 @@ pub fn status_rss_bytes(status: &str) -> io::Result<u64> {
 /// Usage between two readings `window_micros` apart. A counter that went
 /// backwards (the app restarted) counts from zero.
 pub fn between(before: Reading, after: Reading, window_micros: u64) -> Usage {
-    let cpu_micros = after.cpu_micros.checked_sub(before.cpu_micros).unwrap_or(after.cpu_micros);
+    let cpu_micros = after
+        .cpu_micros
+        .checked_sub(before.cpu_micros)
+        .unwrap_or(after.cpu_micros);
     let mean_memory = (u128::from(before.memory_bytes) + u128::from(after.memory_bytes)) / 2;
     Usage {
         cpu_micros,
         memory_bytes: after.memory_bytes,
-        memory_byte_micros: u64::try_from(mean_memory * u128::from(window_micros)).unwrap_or(u64::MAX),
+        memory_byte_micros: u64::try_from(mean_memory * u128::from(window_micros))
+            .unwrap_or(u64::MAX),
     }
 }
 
@@ -132,7 +140,10 @@ mod tests {
             memory_bytes: 300,
         };
         let u = between(a, b, 1_000_000);
-        assert_eq!((u.cpu_micros, u.memory_bytes, u.memory_byte_micros), (600, 300, 200_000_000));
+        assert_eq!(
+            (u.cpu_micros, u.memory_bytes, u.memory_byte_micros),
+            (600, 300, 200_000_000)
+        );
         let restarted = between(b, a, 10);
         assert_eq!(restarted.cpu_micros, 1_000);
     }

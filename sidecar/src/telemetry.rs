@@ -34,7 +34,8 @@ impl Default for Telemetry {
             tenants_overflowed: Counter::default(),
             custom_usage_rejects: Counter::default(),
             request_duration: Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
             ]),
             batches_sent: Counter::default(),
             batches_acked: Counter::default(),
@@ -51,7 +52,11 @@ impl Telemetry {
     pub fn register(registry: &mut Registry) -> Telemetry {
         let t = Telemetry::default();
         let r = registry.sub_registry_with_prefix("tidemark_sidecar");
-        r.register("requests", "Requests forwarded and finished", t.requests.clone());
+        r.register(
+            "requests",
+            "Requests forwarded and finished",
+            t.requests.clone(),
+        );
         r.register(
             "upstream_errors",
             "Requests the upstream did not answer in time (answered 502 or 504)",
@@ -83,9 +88,21 @@ impl Telemetry {
             Unit::Seconds,
             t.request_duration.clone(),
         );
-        r.register("batches_sent", "Usage batches sent to the collector, resends included", t.batches_sent.clone());
-        r.register("batches_acked", "Usage batches the collector acknowledged", t.batches_acked.clone());
-        r.register("batches_rejected", "Usage batches the collector refused", t.batches_rejected.clone());
+        r.register(
+            "batches_sent",
+            "Usage batches sent to the collector, resends included",
+            t.batches_sent.clone(),
+        );
+        r.register(
+            "batches_acked",
+            "Usage batches the collector acknowledged",
+            t.batches_acked.clone(),
+        );
+        r.register(
+            "batches_rejected",
+            "Usage batches the collector refused",
+            t.batches_rejected.clone(),
+        );
         r.register(
             "batches_dropped",
             "Usage batches dropped unsent because too many were pending (lost usage)",
@@ -96,8 +113,17 @@ impl Telemetry {
             "Usage batches kept in memory only because the spool was full or failed",
             t.batches_unspooled.clone(),
         );
-        r.register("pending_batches", "Usage batches waiting for an acknowledgement", t.pending_batches.clone());
-        r.register_with_unit("spool", "Size of the on-disk spool", Unit::Bytes, t.spool_bytes.clone());
+        r.register(
+            "pending_batches",
+            "Usage batches waiting for an acknowledgement",
+            t.pending_batches.clone(),
+        );
+        r.register_with_unit(
+            "spool",
+            "Size of the on-disk spool",
+            Unit::Bytes,
+            t.spool_bytes.clone(),
+        );
         t
     }
 

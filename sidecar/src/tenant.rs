@@ -16,7 +16,10 @@ use tidemark_core::ids::validate_name;
 #[derive(Debug, Clone)]
 pub enum TenantSource {
     Header(HeaderName),
-    ApiKeys { header: HeaderName, keys: HashMap<String, String> },
+    ApiKeys {
+        header: HeaderName,
+        keys: HashMap<String, String>,
+    },
 }
 
 /// The tenant of one request.
@@ -50,10 +53,14 @@ impl TenantSource {
                 Some(Ok(name)) if is_valid_tenant(name) => Resolved::Tenant(name),
                 Some(_) => Resolved::Invalid,
             },
-            TenantSource::ApiKeys { header, keys } => match headers.get(header).and_then(|v| v.to_str().ok()) {
-                Some(key) => keys.get(key).map_or(Resolved::Anonymous, |t| Resolved::Tenant(t)),
-                None => Resolved::Anonymous,
-            },
+            TenantSource::ApiKeys { header, keys } => {
+                match headers.get(header).and_then(|v| v.to_str().ok()) {
+                    Some(key) => keys
+                        .get(key)
+                        .map_or(Resolved::Anonymous, |t| Resolved::Tenant(t)),
+                    None => Resolved::Anonymous,
+                }
+            }
         }
     }
 }
@@ -89,11 +96,15 @@ pub fn load_keys(path: &Path) -> Result<HashMap<String, String>, KeyFileError> {
 }
 
 fn parse_keys(text: &str) -> Result<HashMap<String, String>, String> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message()))?;
     let mut keys = HashMap::new();
     for (section, value) in table {
         if section != "keys" {
-            return Err(format!("key `{section}`: unknown key; the file holds one [keys] table"));
+            return Err(format!(
+                "key `{section}`: unknown key; the file holds one [keys] table"
+            ));
         }
         let toml::Value::Table(entries) = value else {
             return Err("key `keys`: must be a table of key = tenant".into());
@@ -127,11 +138,23 @@ mod tests {
     #[test]
     fn header_names_the_tenant() {
         let source = TenantSource::Header(HeaderName::from_static("x-tenant-id"));
-        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "acme")])), Resolved::Tenant("acme"));
+        assert_eq!(
+            source.resolve(&headers(&[("x-tenant-id", "acme")])),
+            Resolved::Tenant("acme")
+        );
         assert_eq!(source.resolve(&headers(&[])), Resolved::Anonymous);
-        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "a b")])), Resolved::Invalid);
-        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "_idle")])), Resolved::Invalid);
-        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "")])), Resolved::Invalid);
+        assert_eq!(
+            source.resolve(&headers(&[("x-tenant-id", "a b")])),
+            Resolved::Invalid
+        );
+        assert_eq!(
+            source.resolve(&headers(&[("x-tenant-id", "_idle")])),
+            Resolved::Invalid
+        );
+        assert_eq!(
+            source.resolve(&headers(&[("x-tenant-id", "")])),
+            Resolved::Invalid
+        );
     }
 
     #[test]
@@ -141,8 +164,14 @@ mod tests {
             header: HeaderName::from_static("x-api-key"),
             keys,
         };
-        assert_eq!(source.resolve(&headers(&[("x-api-key", "k-2")])), Resolved::Tenant("globex"));
-        assert_eq!(source.resolve(&headers(&[("x-api-key", "nope")])), Resolved::Anonymous);
+        assert_eq!(
+            source.resolve(&headers(&[("x-api-key", "k-2")])),
+            Resolved::Tenant("globex")
+        );
+        assert_eq!(
+            source.resolve(&headers(&[("x-api-key", "nope")])),
+            Resolved::Anonymous
+        );
         assert_eq!(
             source.resolve(&headers(&[("x-tenant-id", "acme")])),
             Resolved::Anonymous,
@@ -152,12 +181,29 @@ mod tests {
 
     #[test]
     fn bad_key_files_say_what_is_wrong() {
-        assert!(parse_keys("[keys]\nk = 1\n").unwrap_err().contains("keys.k"));
-        assert!(parse_keys("[keys]\nk = \"_x\"\n").unwrap_err().contains("keys.k"));
+        assert!(
+            parse_keys("[keys]\nk = 1\n")
+                .unwrap_err()
+                .contains("keys.k")
+        );
+        assert!(
+            parse_keys("[keys]\nk = \"_x\"\n")
+                .unwrap_err()
+                .contains("keys.k")
+        );
         assert!(parse_keys("[other]\n").unwrap_err().contains("`other`"));
         assert!(parse_keys("keys = 3\n").unwrap_err().contains("table"));
-        assert!(parse_keys("[keys\n").unwrap_err().contains("not valid TOML"));
-        let err = load_keys(Path::new("/nonexistent/keys.toml")).unwrap_err().to_string();
-        assert!(err.starts_with("API key file /nonexistent/keys.toml: cannot read it"), "{err}");
+        assert!(
+            parse_keys("[keys\n")
+                .unwrap_err()
+                .contains("not valid TOML")
+        );
+        let err = load_keys(Path::new("/nonexistent/keys.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("API key file /nonexistent/keys.toml: cannot read it"),
+            "{err}"
+        );
     }
 }

@@ -7,7 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::convert::Infallible;
+pub mod upstream;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,11 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
 /// Path of a workspace binary, built next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
@@ -187,33 +187,9 @@ impl Drop for Proc {
     }
 }
 
-/// A small upstream app: `/fail` answers 500, everything else 200 "hello".
+/// Starts the test upstream app (see [`upstream`]).
 pub async fn start_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let status = if req.uri().path() == "/fail" {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    } else {
-                        StatusCode::OK
-                    };
-                    let mut response = Response::new(Full::new(Bytes::from_static(b"hello")));
-                    *response.status_mut() = status;
-                    Ok::<_, Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    upstream::start().await
 }
 
 /// A plain HTTP/1.1 client.
@@ -240,7 +216,8 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
 /// succeed.
 pub async fn send_requests(proxy: SocketAddr, tenant: &str, count: usize) {
     for _ in 0..count {
-        let (status, body) = get(&format!("http://{proxy}/work"), &[("x-tenant-id", tenant)]).await;
+        let (status, body) =
+            get(&format!("http://{proxy}/hello"), &[("x-tenant-id", tenant)]).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
     }
 }
@@ -292,4 +269,75 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Reads usage batches from `topic` (a fresh consumer group, from the
+/// beginning) until `done` says enough, or fails after 60 s.
+pub async fn read_usage(
+    brokers: &str,
+    topic: &str,
+    done: impl Fn(&[tidemark_proto::v1::UsageBatch]) -> bool,
+) -> Vec<tidemark_proto::v1::UsageBatch> {
+    use tidemark_log::kafka::KafkaConfig;
+    use tidemark_log::{Log, LogConfig};
+    let log = Log::open(LogConfig::Kafka(KafkaConfig {
+        brokers: brokers.to_owned(),
+        properties: Vec::new(),
+    }))
+    .await
+    .unwrap();
+    let group = format!("reader-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = log.consumer(topic, &group).await.unwrap();
+    let mut batches = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done(&batches) {
+        let record = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "usage never complete; read {} batches: {batches:#?}",
+                    batches.len()
+                )
+            })
+            .unwrap();
+        batches.push(tidemark_log::topics::decode_usage(&record.payload).unwrap());
+    }
+    batches
+}
+
+/// Per-tenant sums of every usage field over `batches` (custom meters
+/// summed as integers).
+pub fn totals(
+    batches: &[tidemark_proto::v1::UsageBatch],
+) -> std::collections::BTreeMap<String, tidemark_proto::v1::TenantUsage> {
+    let mut sums: std::collections::BTreeMap<String, tidemark_proto::v1::TenantUsage> =
+        Default::default();
+    for usage in batches.iter().flat_map(|b| &b.tenants) {
+        let sum = sums.entry(usage.tenant.clone()).or_default();
+        sum.tenant.clone_from(&usage.tenant);
+        sum.requests += usage.requests;
+        sum.errors += usage.errors;
+        sum.duration_micros += usage.duration_micros;
+        sum.billed_duration_micros += usage.billed_duration_micros;
+        sum.bytes_in += usage.bytes_in;
+        sum.bytes_out += usage.bytes_out;
+        sum.responses_1xx += usage.responses_1xx;
+        sum.responses_2xx += usage.responses_2xx;
+        sum.responses_3xx += usage.responses_3xx;
+        sum.responses_4xx += usage.responses_4xx;
+        sum.responses_5xx += usage.responses_5xx;
+        sum.cpu_micros += usage.cpu_micros;
+        sum.memory_byte_micros += usage.memory_byte_micros;
+        sum.in_flight_micros += usage.in_flight_micros;
+        sum.rejected += usage.rejected;
+        sum.custom_rejects += usage.custom_rejects;
+        for (meter, value) in &usage.custom {
+            let total = sum
+                .custom
+                .entry(meter.clone())
+                .or_insert_with(|| "0".into());
+            *total = (total.parse::<u64>().unwrap() + value.parse::<u64>().unwrap()).to_string();
+        }
+    }
+    sums
 }

@@ -2,6 +2,8 @@
 //! while its stream goes on, the sidecar keeps serving while the collector is
 //! away, and bad settings fail at start with a clear message.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Duration;
 
 use tidemark_e2e::{
@@ -88,9 +90,15 @@ async fn the_sidecar_serves_while_the_collector_is_down_and_delivers_later() {
         ],
     );
     let proxy = sidecar.address("proxy");
-    send_requests(proxy, "acme", 17).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    send_requests(proxy, "globex", 5).await;
+    // 30 s without a collector, with traffic all along.
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        send_requests(proxy, "acme", 3).await;
+        send_requests(proxy, "globex", 1).await;
+        rounds += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let dev = Proc::start(
@@ -105,7 +113,12 @@ async fn the_sidecar_serves_while_the_collector_is_down_and_delivers_later() {
         ],
     );
     let api = dev.address("billing HTTP API");
-    expect_billed_requests(api, &[("acme", 17), ("globex", 5)], Duration::from_secs(1)).await;
+    expect_billed_requests(
+        api,
+        &[("acme", 3 * rounds), ("globex", rounds)],
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The Kafka backend of the usage log against the real broker.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 

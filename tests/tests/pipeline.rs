@@ -2,6 +2,8 @@
 //! collector and billing binaries as separate processes, and the exact
 //! per-tenant request counts billing reports afterwards.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -31,9 +31,7 @@ pub async fn serve(
 }
 
 pub fn router(store: Store) -> Router {
-    Router::new()
-        .route("/v1/usage", get(usage))
-        .with_state(store)
+    Router::new().route("/v1/usage", get(usage)).with_state(store)
 }
 
 /// An error answered as JSON.
@@ -127,9 +125,7 @@ fn parse_usage_query(params: &[(String, String)]) -> Result<UsageQuery, ApiError
             _ => {
                 return Err(ApiError {
                     status: StatusCode::BAD_REQUEST,
-                    message: format!(
-                        "unknown parameter {key:?}; known: tenant, from, to, service, meter"
-                    ),
+                    message: format!("unknown parameter {key:?}; known: tenant, from, to, service, meter"),
                     parameter: None,
                 });
             }
@@ -183,10 +179,7 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]

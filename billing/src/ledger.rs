@@ -65,11 +65,7 @@ impl Ledger {
     }
 
     /// Reads and commits until `shutdown` fires, then commits what is left.
-    pub async fn run(
-        mut self,
-        commit_interval: Duration,
-        mut shutdown: Shutdown,
-    ) -> Result<(), LedgerError> {
+    pub async fn run(mut self, commit_interval: Duration, mut shutdown: Shutdown) -> Result<(), LedgerError> {
         let mut ticker = tokio::time::interval(commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -122,11 +118,7 @@ impl Ledger {
             return Ok(());
         }
         let offsets: Vec<(i32, i64)> = self.next.iter().map(|(p, o)| (*p, *o)).collect();
-        let committed = match self
-            .store
-            .commit(&self.topic, &self.uncommitted, &offsets)
-            .await
-        {
+        let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets).await {
             Ok(c) => c,
             Err(e) => {
                 self.telemetry.commit_errors.inc();
@@ -135,9 +127,7 @@ impl Ledger {
         };
         self.telemetry.commits.inc();
         self.telemetry.batches_counted.inc_by(committed.batches);
-        self.telemetry
-            .batches_duplicate
-            .inc_by(committed.duplicates);
+        self.telemetry.batches_duplicate.inc_by(committed.duplicates);
         self.uncommitted.clear();
         self.dirty = false;
         if let Err(e) = self.consumer.commit(&offsets).await {

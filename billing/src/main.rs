@@ -23,11 +23,7 @@ struct Args {
     config: Option<std::path::PathBuf>,
 
     /// Database: `sqlite:PATH` (created if missing) or `postgres://USER@HOST:PORT/DB`.
-    #[arg(
-        long,
-        env = "TIDEMARK_DATABASE_URL",
-        default_value = "sqlite:tidemark-billing.db"
-    )]
+    #[arg(long, env = "TIDEMARK_DATABASE_URL", default_value = "sqlite:tidemark-billing.db")]
     database_url: String,
 
     /// Consumer group of the billing workers.
@@ -63,22 +59,11 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let telemetry = Arc::new(Telemetry::register(&mut registry));
     let ledger = Ledger::new(consumer, store.clone(), topic, telemetry).await?;
-    let api_listener =
-        tidemark_runtime::listen::bind(args.billing.api_listen, "billing HTTP API").await?;
+    let api_listener = tidemark_runtime::listen::bind(args.billing.api_listen, "billing HTTP API").await?;
     let readiness = Readiness::default();
-    let admin_task = admin::spawn(
-        args.admin.admin_listen,
-        registry,
-        readiness.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
 
-    let api_task = tokio::spawn(tidemark_billing::api::serve(
-        api_listener,
-        store,
-        shutdown.clone(),
-    ));
+    let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, store, shutdown.clone()));
     readiness.set(true);
     ledger
         .run(args.billing.commit_interval, shutdown)

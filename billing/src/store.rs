@@ -116,16 +116,14 @@ impl Store {
         };
         let options = if is_sqlite {
             // One writer: SQLite serializes writes anyway.
-            AnyPoolOptions::new()
-                .max_connections(1)
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 5000").await?;
-                        Ok(())
-                    })
+            AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    Ok(())
                 })
+            })
         } else {
             AnyPoolOptions::new().max_connections(8)
         };
@@ -195,14 +193,13 @@ impl Store {
         let mut rollups: BTreeMap<(&str, &str, &'static str, i64), (i64, i64)> = BTreeMap::new();
         let mut committed = Committed::default();
         for batch in batches {
-            let inserted = sqlx::query(
-                "INSERT INTO seen_batch (session_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(&batch.session_id)
-            .bind(i64::try_from(batch.seq).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let inserted =
+                sqlx::query("INSERT INTO seen_batch (session_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(&batch.session_id)
+                    .bind(i64::try_from(batch.seq).unwrap_or(i64::MAX))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
             if inserted == 0 {
                 committed.duplicates += 1;
                 continue;
@@ -216,16 +213,9 @@ impl Store {
                         continue;
                     }
                     let entry = rollups
-                        .entry((
-                            usage.tenant.as_str(),
-                            batch.service.as_str(),
-                            meter.as_str(),
-                            minute,
-                        ))
+                        .entry((usage.tenant.as_str(), batch.service.as_str(), meter.as_str(), minute))
                         .or_default();
-                    entry.0 = entry
-                        .0
-                        .saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
+                    entry.0 = entry.0.saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
                     entry.1 += 1;
                 }
             }
@@ -340,10 +330,7 @@ mod tests {
         );
         // A replay of seq 1 plus a new batch: only the new one counts.
         let second = [batch("s1", 1, "acme", 4), batch("s2", 0, "acme", 5)];
-        let done = store
-            .commit("t", &second, &[(0, 4), (1, 7)])
-            .await
-            .expect("commit");
+        let done = store.commit("t", &second, &[(0, 4), (1, 7)]).await.expect("commit");
         assert_eq!(
             done,
             Committed {
@@ -353,9 +340,7 @@ mod tests {
         );
         drop(store);
 
-        let store = Store::open(&url)
-            .await
-            .expect("reopen runs no migration twice");
+        let store = Store::open(&url).await.expect("reopen runs no migration twice");
         let rows = store.usage(&all("acme")).await.expect("query");
         assert_eq!(rows.len(), 1);
         assert_eq!(
@@ -369,10 +354,7 @@ mod tests {
 
     #[test]
     fn passwords_are_hidden() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:x.db"), "sqlite:x.db");
     }

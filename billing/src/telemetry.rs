@@ -33,11 +33,7 @@ impl Telemetry {
             "Usage log records that are not a usage batch (skipped)",
             t.records_undecodable.clone(),
         );
-        r.register(
-            "ledger_commits",
-            "Ledger transactions committed",
-            t.commits.clone(),
-        );
+        r.register("ledger_commits", "Ledger transactions committed", t.commits.clone());
         r.register(
             "ledger_commit_errors",
             "Ledger transactions that failed",

@@ -90,11 +90,7 @@ pub async fn run(args: DemoAppArgs, shutdown: Shutdown) -> anyhow::Result<()> {
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` fires, then lets open
 /// requests finish (for at most [`DRAIN_TIMEOUT`]).
-pub async fn serve(
-    listener: TcpListener,
-    behavior: Behavior,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, behavior: Behavior, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new());
@@ -129,10 +125,7 @@ pub async fn serve(
         .context("open connections did not finish in time")
 }
 
-async fn respond(
-    request: Request<Incoming>,
-    behavior: Behavior,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(request: Request<Incoming>, behavior: Behavior) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut body = request.into_body();
     while let Some(frame) = body.frame().await {
         if let Err(e) = frame {

@@ -61,19 +61,9 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let ingest_listener = bind(args.ingest_listen, "ingest gRPC").await?;
     let api_listener = bind(args.billing.api_listen, "billing HTTP API").await?;
     let readiness = Readiness::default();
-    let admin_task = admin::spawn(
-        args.admin.admin_listen,
-        registry,
-        readiness.clone(),
-        shutdown.clone(),
-    )
-    .await?;
-    let ingest_task = tokio::spawn(collector.serve(ingest_listener, shutdown.clone()));
-    let api_task = tokio::spawn(tidemark_billing::api::serve(
-        api_listener,
-        store,
-        shutdown.clone(),
-    ));
+    let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
+    let ingest_task = tokio::spawn(collector.serve(ingest_listener, None, shutdown.clone()));
+    let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, store, shutdown.clone()));
     readiness.set(true);
     tracing::info!(data_dir = %args.data_dir.display(), "tidemark dev is running; Ctrl-C stops it");
 

@@ -55,14 +55,11 @@ impl IngestService {
             }));
         }
         let (key, payload) = encode_usage(&batch);
-        self.log
-            .append(&self.topic, &key, payload)
-            .await
-            .map_err(|e| {
-                self.telemetry.append_errors.inc();
-                tracing::error!(error = %e, "cannot append to the usage log");
-                Status::unavailable(format!("usage log unavailable: {e}"))
-            })?;
+        self.log.append(&self.topic, &key, payload).await.map_err(|e| {
+            self.telemetry.append_errors.inc();
+            tracing::error!(error = %e, "cannot append to the usage log");
+            Status::unavailable(format!("usage log unavailable: {e}"))
+        })?;
         self.telemetry.batches_accepted.inc();
         Ok(Reply::Ack(Ack {
             session_id: batch.session_id,
@@ -77,10 +74,7 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<ReportReply, Status>> + Send
 impl Ingest for IngestService {
     type ReportStream = ReplyStream;
 
-    async fn report(
-        &self,
-        request: Request<Streaming<UsageBatch>>,
-    ) -> Result<Response<ReplyStream>, Status> {
+    async fn report(&self, request: Request<Streaming<UsageBatch>>) -> Result<Response<ReplyStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(REPLY_BUFFER);
         let this = self.clone();
@@ -95,10 +89,7 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                let reply = this
-                    .accept(batch)
-                    .await
-                    .map(|r| ReportReply { result: Some(r) });
+                let reply = this.accept(batch).await.map(|r| ReportReply { result: Some(r) });
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     break;

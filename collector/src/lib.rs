@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod telemetry;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
@@ -15,20 +16,41 @@ use tidemark_proto::v1::ingest_server::IngestServer;
 use tidemark_runtime::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 use ingest::IngestService;
 use telemetry::Telemetry;
 
-/// Where the collector serves.
+/// Where and how the collector serves.
 #[derive(Debug, Clone, Args)]
 pub struct CollectorArgs {
     /// Address of the ingest gRPC service, where sidecars connect.
-    #[arg(
-        long = "listen",
-        env = "TIDEMARK_LISTEN",
-        default_value = "127.0.0.1:7400"
-    )]
+    #[arg(long = "listen", env = "TIDEMARK_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
+
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "TIDEMARK_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TIDEMARK_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl CollectorArgs {
+    /// The server's TLS identity, if configured.
+    pub fn tls(&self) -> std::io::Result<Option<ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))
+        };
+        Ok(Some(
+            ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)),
+        ))
+    }
 }
 
 /// The collector's services, ready to serve.
@@ -46,17 +68,20 @@ impl Collector {
         }
     }
 
-    /// Serves gRPC on `listener` until `shutdown` fires.
+    /// Serves gRPC on `listener` (over TLS if `tls`) until `shutdown` fires.
     pub async fn serve(
         self,
         listener: TcpListener,
+        tls: Option<ServerTlsConfig>,
         mut shutdown: Shutdown,
     ) -> Result<(), tonic::transport::Error> {
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls)?;
+        }
+        server
             .add_service(IngestServer::new(self.ingest))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                shutdown.wait().await
-            })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.wait().await })
             .await
     }
 }

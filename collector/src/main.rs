@@ -38,20 +38,18 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot create topic {}", args.kafka.usage_topic))?;
 
+    let tls = args
+        .collector
+        .tls()
+        .context("cannot start: check --tls-cert and --tls-key")?;
     let mut registry = Registry::default();
     let collector = Collector::new(log, &args.kafka.usage_topic, &mut registry);
     let listener = tidemark_runtime::listen::bind(args.collector.listen, "ingest gRPC").await?;
     let readiness = Readiness::default();
-    let admin_task = admin::spawn(
-        args.admin.admin_listen,
-        registry,
-        readiness.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
     readiness.set(true);
     collector
-        .serve(listener, shutdown)
+        .serve(listener, tls, shutdown)
         .await
         .context("ingest gRPC server failed")?;
     admin_task.await??;

@@ -31,11 +31,7 @@ impl Telemetry {
             "Appends to the usage log that failed",
             t.append_errors.clone(),
         );
-        r.register(
-            "ingest_streams",
-            "Open sidecar ingest streams",
-            t.streams.clone(),
-        );
+        r.register("ingest_streams", "Open sidecar ingest streams", t.streams.clone());
         t
     }
 }

@@ -39,11 +39,7 @@ pub enum InvalidBatch {
     #[error("tenant {0:?} appears more than once")]
     DuplicateTenant(String),
     #[error("tenant {tenant:?} has {errors} errors but only {requests} requests")]
-    MoreErrorsThanRequests {
-        tenant: String,
-        errors: u64,
-        requests: u64,
-    },
+    MoreErrorsThanRequests { tenant: String, errors: u64, requests: u64 },
 }
 
 /// Checks everything about a batch that can be checked without a clock or
@@ -133,19 +129,13 @@ mod tests {
     fn refuses_each_kind_of_bad_batch() {
         type Spoil = fn(&mut UsageBatch);
         let cases: Vec<(Spoil, InvalidBatch)> = vec![
-            (
-                |b| b.service.clear(),
-                InvalidBatch::Service(InvalidName::Empty),
-            ),
+            (|b| b.service.clear(), InvalidBatch::Service(InvalidName::Empty)),
             (
                 |b| b.instance = "a b".into(),
                 InvalidBatch::Instance(InvalidName::BadChar { found: ' ' }),
             ),
             (|b| b.session_id.clear(), InvalidBatch::EmptySession),
-            (
-                |b| b.session_id = "s".repeat(65),
-                InvalidBatch::SessionTooLong(65),
-            ),
+            (|b| b.session_id = "s".repeat(65), InvalidBatch::SessionTooLong(65)),
             (
                 |b| b.window_end_unix_micros = b.window_start_unix_micros,
                 InvalidBatch::EmptyWindow {
@@ -153,10 +143,7 @@ mod tests {
                     end: 1_000_000,
                 },
             ),
-            (
-                |b| b.window_start_unix_micros = -5,
-                InvalidBatch::WindowBeforeEpoch(-5),
-            ),
+            (|b| b.window_start_unix_micros = -5, InvalidBatch::WindowBeforeEpoch(-5)),
             (
                 |b| b.window_end_unix_micros = 1_000_000 + MAX_WINDOW_MICROS + 1,
                 InvalidBatch::WindowTooLong(MAX_WINDOW_MICROS + 1),

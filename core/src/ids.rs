@@ -56,15 +56,10 @@ mod tests {
         let long = "x".repeat(MAX_NAME_LEN + 1);
         assert_eq!(
             validate_name(&long),
-            Err(InvalidName::TooLong {
-                len: MAX_NAME_LEN + 1
-            })
+            Err(InvalidName::TooLong { len: MAX_NAME_LEN + 1 })
         );
         assert_eq!(validate_name(&"x".repeat(MAX_NAME_LEN)), Ok(()));
-        assert_eq!(
-            validate_name("a b"),
-            Err(InvalidName::BadChar { found: ' ' })
-        );
+        assert_eq!(validate_name("a b"), Err(InvalidName::BadChar { found: ' ' }));
         assert_eq!(validate_name("é"), Err(InvalidName::BadChar { found: 'é' }));
     }
 }

@@ -86,11 +86,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LogError {
     let path = path.to_path_buf();
-    move |source| LogError::Io {
-        action,
-        path,
-        source,
-    }
+    move |source| LogError::Io { action, path, source }
 }
 
 fn now_millis() -> i64 {
@@ -118,12 +114,7 @@ impl EmbeddedLog {
         blocking(move || this.topic(&topic, Some(spec)).map(|_| ())).await
     }
 
-    pub async fn append(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: Bytes,
-    ) -> Result<Position, LogError> {
+    pub async fn append(&self, topic: &str, key: &[u8], payload: Bytes) -> Result<Position, LogError> {
         let this = self.clone();
         let topic_name = topic.to_owned();
         let files = blocking(move || this.topic(&topic_name, None)).await?;
@@ -185,12 +176,8 @@ impl EmbeddedLog {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
-) -> Result<T, LogError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| LogError::Closed)?
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, LogError> + Send + 'static) -> Result<T, LogError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| LogError::Closed)?
 }
 
 fn partition_for(key: &[u8], partitions: usize) -> usize {
@@ -244,10 +231,7 @@ impl TopicFiles {
                 .ok_or_else(|| LogError::Io {
                     action: "read partition count from",
                     path: meta.clone(),
-                    source: io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{text:?} is not a positive number"),
-                    ),
+                    source: io::Error::new(io::ErrorKind::InvalidData, format!("{text:?} is not a positive number")),
                 })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let Some(spec) = create else {
@@ -258,8 +242,7 @@ impl TopicFiles {
                     });
                 };
                 let count = spec.partitions.max(1) as usize;
-                fs::create_dir_all(dir.join("groups"))
-                    .map_err(io_err("create topic directory", &dir))?;
+                fs::create_dir_all(dir.join("groups")).map_err(io_err("create topic directory", &dir))?;
                 write_atomically(&meta, count.to_string().as_bytes())?;
                 count
             }
@@ -288,10 +271,7 @@ impl TopicFiles {
         if batch.is_empty() {
             return;
         }
-        let start = *part
-            .synced_len
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let start = *part.synced_len.read().unwrap_or_else(PoisonError::into_inner);
         let mut buf = Vec::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
         let mut positions = Vec::with_capacity(batch.len());
         for (frame, _) in &batch {
@@ -304,10 +284,7 @@ impl TopicFiles {
                 let mut index = part.index.write().unwrap_or_else(PoisonError::into_inner);
                 let first = index.len() as i64;
                 index.extend_from_slice(&positions);
-                *part
-                    .synced_len
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = start + buf.len() as u64;
+                *part.synced_len.write().unwrap_or_else(PoisonError::into_inner) = start + buf.len() as u64;
                 drop(index);
                 for (i, (_, waiter)) in batch.into_iter().enumerate() {
                     let _ = waiter.send(Ok(first + i as i64));
@@ -333,12 +310,10 @@ impl TopicFiles {
             let index = part.index.read().unwrap_or_else(PoisonError::into_inner);
             let from_idx = usize::try_from(from).unwrap_or(0).min(index.len());
             let to_idx = from_idx.saturating_add(max).min(index.len());
-            let end = index.get(to_idx).copied().unwrap_or(
-                *part
-                    .synced_len
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            let end = index
+                .get(to_idx)
+                .copied()
+                .unwrap_or(*part.synced_len.read().unwrap_or_else(PoisonError::into_inner));
             (index[from_idx..to_idx].to_vec(), end)
         };
         let Some(&first) = positions.first() else {
@@ -352,19 +327,15 @@ impl TopicFiles {
         let mut records = Vec::with_capacity(positions.len());
         for (i, pos) in positions.iter().enumerate() {
             let at = (pos - first) as usize + HEADER_LEN;
-            let len =
-                u32::from_le_bytes([buf[at - 8], buf[at - 7], buf[at - 6], buf[at - 5]]) as usize;
-            let (timestamp_millis, key, payload) = buf
-                .get(at..at + len)
-                .and_then(decode_body)
-                .ok_or_else(|| LogError::Io {
-                    action: "decode record in",
-                    path: part.path.clone(),
-                    source: io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("bad frame at byte {pos}"),
-                    ),
-                })?;
+            let len = u32::from_le_bytes([buf[at - 8], buf[at - 7], buf[at - 6], buf[at - 5]]) as usize;
+            let (timestamp_millis, key, payload) =
+                buf.get(at..at + len)
+                    .and_then(decode_body)
+                    .ok_or_else(|| LogError::Io {
+                        action: "decode record in",
+                        path: part.path.clone(),
+                        source: io::Error::new(io::ErrorKind::InvalidData, format!("bad frame at byte {pos}")),
+                    })?;
             records.push(Record {
                 partition: partition_id(partition),
                 offset: from + i as i64,
@@ -421,10 +392,7 @@ fn scan(file: &mut File) -> io::Result<(Vec<u64>, u64)> {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         body.resize(len, 0);
-        if len < BODY_PREFIX_LEN
-            || !read_full(&mut reader, &mut body)?
-            || crc32fast::hash(&body) != crc
-        {
+        if len < BODY_PREFIX_LEN || !read_full(&mut reader, &mut body)? || crc32fast::hash(&body) != crc {
             break;
         }
         if decode_body(&body).is_none() {
@@ -585,11 +553,7 @@ impl EmbeddedConsumer {
             }
             self.committed.insert(partition, offset);
         }
-        let mut lines: Vec<_> = self
-            .committed
-            .iter()
-            .map(|(p, o)| format!("{p} {o}\n"))
-            .collect();
+        let mut lines: Vec<_> = self.committed.iter().map(|(p, o)| format!("{p} {o}\n")).collect();
         lines.sort();
         let path = self.offsets_path.clone();
         blocking(move || write_atomically(&path, lines.concat().as_bytes())).await
@@ -608,10 +572,7 @@ mod tests {
     };
 
     async fn open(dir: &Path) -> EmbeddedLog {
-        let log = EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.to_path_buf(),
-        })
-        .expect("open");
+        let log = EmbeddedLog::open(EmbeddedConfig { dir: dir.to_path_buf() }).expect("open");
         log.ensure_topic(TOPIC, SPEC).await.expect("topic");
         log
     }
@@ -630,17 +591,11 @@ mod tests {
         let mut by_key: BTreeMap<Vec<u8>, Vec<u32>> = BTreeMap::new();
         for _ in 0..30 {
             let r = consumer.recv().await.expect("recv");
-            let value = std::str::from_utf8(&r.payload)
-                .expect("utf8")
-                .parse()
-                .expect("number");
+            let value = std::str::from_utf8(&r.payload).expect("utf8").parse().expect("number");
             by_key.entry(r.key.to_vec()).or_default().push(value);
         }
         for (key, values) in by_key {
-            let k: u32 = std::str::from_utf8(&key[1..])
-                .expect("utf8")
-                .parse()
-                .expect("number");
+            let k: u32 = std::str::from_utf8(&key[1..]).expect("utf8").parse().expect("number");
             let want: Vec<u32> = (0..30).filter(|i| i % 4 == k).collect();
             assert_eq!(values, want, "key {k}");
         }
@@ -662,17 +617,13 @@ mod tests {
                 last = Some(c.recv().await.expect("recv"));
             }
             let last = last.expect("four records");
-            c.commit(&[(last.partition, last.offset + 1)])
-                .await
-                .expect("commit");
+            c.commit(&[(last.partition, last.offset + 1)]).await.expect("commit");
         }
         let log = open(dir.path()).await;
         let mut c = log.consumer(TOPIC, "g").await.expect("consumer");
         let mut rest = Vec::new();
         for _ in 0..6 {
-            rest.push(
-                String::from_utf8(c.recv().await.expect("recv").payload.to_vec()).expect("utf8"),
-            );
+            rest.push(String::from_utf8(c.recv().await.expect("recv").payload.to_vec()).expect("utf8"));
         }
         assert_eq!(rest, ["4", "5", "6", "7", "8", "9"]);
         // Nothing more: the next recv waits until a new append.
@@ -704,9 +655,7 @@ mod tests {
         let tasks: Vec<_> = (0..200u32)
             .map(|i| {
                 let log = log.clone();
-                tokio::spawn(
-                    async move { log.append(TOPIC, b"k", Bytes::from(i.to_string())).await },
-                )
+                tokio::spawn(async move { log.append(TOPIC, b"k", Bytes::from(i.to_string())).await })
             })
             .collect();
         let mut offsets = Vec::new();
@@ -727,10 +676,7 @@ mod tests {
                 .append(TOPIC, b"k", Bytes::from_static(b"kept"))
                 .await
                 .expect("append");
-            path = dir
-                .path()
-                .join(TOPIC)
-                .join(format!("{}.log", pos.partition));
+            path = dir.path().join(TOPIC).join(format!("{}.log", pos.partition));
         }
         // A crash in the middle of the next write leaves half a frame.
         let frame = encode_frame(1, b"k", b"never acknowledged");
@@ -762,10 +708,7 @@ mod tests {
         c.recv().await.expect("recv");
         c.seek(first.partition, 0).expect("seek");
         assert_eq!(c.recv().await.expect("recv"), first);
-        assert!(matches!(
-            c.seek(99, 0),
-            Err(LogError::NoSuchPartition { .. })
-        ));
+        assert!(matches!(c.seek(99, 0), Err(LogError::NoSuchPartition { .. })));
     }
 
     #[tokio::test]
@@ -778,9 +721,7 @@ mod tests {
             Err(LogError::GroupBusy { .. })
         ));
         drop(first);
-        log.consumer(TOPIC, "g")
-            .await
-            .expect("the group is free again");
+        log.consumer(TOPIC, "g").await.expect("the group is free again");
         assert!(matches!(
             log.consumer(TOPIC, "bad/group").await,
             Err(LogError::InvalidGroup(_))

@@ -72,10 +72,7 @@ impl KafkaLog {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set(
-                "message.timeout.ms",
-                DELIVERY_TIMEOUT.as_millis().to_string(),
-            )
+            .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string())
             .create()
             .map_err(kafka_err("create producer"))?;
         let probe = producer.clone();
@@ -90,10 +87,7 @@ impl KafkaLog {
         .map_err(|_| LogError::Closed)?
         .map_err(|e| LogError::Unreachable {
             brokers,
-            reason: format!(
-                "no broker answered within {}s ({e})",
-                CONNECT_TIMEOUT.as_secs()
-            ),
+            reason: format!("no broker answered within {}s ({e})", CONNECT_TIMEOUT.as_secs()),
         })?;
         Ok(KafkaLog { config, producer })
     }
@@ -131,12 +125,7 @@ impl KafkaLog {
         Ok(())
     }
 
-    pub async fn append(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: Bytes,
-    ) -> Result<Position, LogError> {
+    pub async fn append(&self, topic: &str, key: &[u8], payload: Bytes) -> Result<Position, LogError> {
         let record = FutureRecord::to(topic).key(key).payload(&payload[..]);
         let delivery = self
             .producer
@@ -164,9 +153,7 @@ impl KafkaLog {
             .set("enable.partition.eof", "false")
             .create()
             .map_err(kafka_err("create consumer"))?;
-        consumer
-            .subscribe(&[topic])
-            .map_err(kafka_err("subscribe"))?;
+        consumer.subscribe(&[topic]).map_err(kafka_err("subscribe"))?;
         Ok(KafkaConsumer {
             topic: topic.to_owned(),
             consumer: Arc::new(consumer),
@@ -182,9 +169,7 @@ pub struct KafkaConsumer {
 
 impl std::fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaConsumer")
-            .field("topic", &self.topic)
-            .finish()
+        f.debug_struct("KafkaConsumer").field("topic", &self.topic).finish()
     }
 }
 

@@ -64,13 +64,9 @@ pub enum LogError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
-    #[error(
-        "consumer group name {0:?} is not valid: use 1 to 128 ASCII letters, digits, '.', '_' or '-'"
-    )]
+    #[error("consumer group name {0:?} is not valid: use 1 to 128 ASCII letters, digits, '.', '_' or '-'")]
     InvalidGroup(String),
-    #[error(
-        "consumer group {group:?} already has a member reading topic {topic:?} in this process"
-    )]
+    #[error("consumer group {group:?} already has a member reading topic {topic:?} in this process")]
     GroupBusy { topic: String, group: String },
     #[error("partition {partition} does not exist in topic {topic:?}")]
     NoSuchPartition { topic: String, partition: i32 },
@@ -111,12 +107,7 @@ impl Log {
     }
 
     /// Appends one record and returns once the log holds it durably.
-    pub async fn append(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: Bytes,
-    ) -> Result<Position, LogError> {
+    pub async fn append(&self, topic: &str, key: &[u8], payload: Bytes) -> Result<Position, LogError> {
         match self {
             Log::Kafka(log) => log.append(topic, key, payload).await,
             Log::Embedded(log) => log.append(topic, key, payload).await,

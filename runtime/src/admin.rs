@@ -46,10 +46,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(AdminState {
-            registry,
-            readiness,
-        });
+        .with_state(AdminState { registry, readiness });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
@@ -99,10 +96,5 @@ pub async fn spawn(
     shutdown: Shutdown,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let listener = crate::listen::bind(addr, "metrics, healthz, readyz").await?;
-    Ok(tokio::spawn(serve(
-        listener,
-        Arc::new(registry),
-        readiness,
-        shutdown,
-    )))
+    Ok(tokio::spawn(serve(listener, Arc::new(registry), readiness, shutdown)))
 }

@@ -27,19 +27,13 @@ pub enum ConfigError {
     #[error("config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("config file {path}: key `{key}`: {reason}")]
-    Key {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Key { path: PathBuf, key: String, reason: String },
 }
 
 /// Parses the process's arguments, environment and config file, or prints
 /// why not (or the help) and exits: 0 for `--help`, 2 for an error.
 pub fn load_or_exit<T: Parser>() -> T {
-    match load_from(std::env::args_os().collect(), |p| {
-        std::fs::read_to_string(p)
-    }) {
+    match load_from(std::env::args_os().collect(), |p| std::fs::read_to_string(p)) {
         Ok(config) => config,
         Err(ConfigError::Cli(e)) => e.exit(),
         Err(e) => {
@@ -60,12 +54,7 @@ pub fn load_from<T: Parser>(
     // already set; required flags may still be missing (the file may hold them).
     let partial = lenient(command.clone()).try_get_matches_from(&args)?;
     let (leaf, leaf_matches) = leaf(&command, &partial);
-    let Some(path) = leaf_matches
-        .try_get_one::<PathBuf>(CONFIG_ARG)
-        .ok()
-        .flatten()
-        .cloned()
-    else {
+    let Some(path) = leaf_matches.try_get_one::<PathBuf>(CONFIG_ARG).ok().flatten().cloned() else {
         let matches = command.try_get_matches_from(&args)?;
         return Ok(T::from_arg_matches(&matches)?);
     };
@@ -83,15 +72,10 @@ pub fn load_from<T: Parser>(
 
 /// The command with no flag required, in every subcommand too.
 fn lenient(command: Command) -> Command {
-    let names: Vec<String> = command
-        .get_subcommands()
-        .map(|c| c.get_name().to_owned())
-        .collect();
-    names
-        .iter()
-        .fold(command.mut_args(|a| a.required(false)), |c, name| {
-            c.mut_subcommand(name, lenient)
-        })
+    let names: Vec<String> = command.get_subcommands().map(|c| c.get_name().to_owned()).collect();
+    names.iter().fold(command.mut_args(|a| a.required(false)), |c, name| {
+        c.mut_subcommand(name, lenient)
+    })
 }
 
 /// The innermost subcommand that was invoked, with its matches.
@@ -107,18 +91,11 @@ fn leaf<'a>(command: &'a Command, matches: &'a ArgMatches) -> (&'a Command, &'a 
 
 /// Turns the file's keys into flags for those flags that neither the command
 /// line nor the environment set.
-fn file_args(
-    command: &Command,
-    matches: &ArgMatches,
-    path: &Path,
-    text: &str,
-) -> Result<Vec<OsString>, ConfigError> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::File {
-            path: path.to_path_buf(),
-            reason: format!("not valid TOML: {}", e.message()),
-        })?;
+fn file_args(command: &Command, matches: &ArgMatches, path: &Path, text: &str) -> Result<Vec<OsString>, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: format!("not valid TOML: {}", e.message()),
+    })?;
     let key_error = |key: &str, reason: String| ConfigError::Key {
         path: path.to_path_buf(),
         key: key.to_owned(),
@@ -137,10 +114,7 @@ fn file_args(
                     .filter_map(|a| a.get_long())
                     .map(|l| l.replace('-', "_"))
                     .collect();
-                key_error(
-                    key,
-                    format!("unknown key; known keys are: {}", known.join(", ")),
-                )
+                key_error(key, format!("unknown key; known keys are: {}", known.join(", ")))
             })?;
         if matches!(
             matches.value_source(arg.get_id().as_str()),
@@ -167,17 +141,11 @@ fn file_args(
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Datetime(d) => d.to_string(),
                 toml::Value::Array(_) | toml::Value::Table(_) => {
-                    return Err(key_error(
-                        key,
-                        "expected a value, found a table or nested array".into(),
-                    ));
+                    return Err(key_error(key, "expected a value, found a table or nested array".into()));
                 }
             };
             if !takes_values {
-                return Err(key_error(
-                    key,
-                    format!("is a switch: write `{key} = true` or `false`"),
-                ));
+                return Err(key_error(key, format!("is a switch: write `{key} = true` or `false`")));
             }
             let flag = OsString::from(format!("--{long}={text}"));
             // Check the value with the flag's own parser, alone, so that the
@@ -194,9 +162,7 @@ fn file_args(
 
 /// Flags a config file may set: all but `--config`, `--help` and `--version`.
 fn is_settable(arg: &clap::Arg) -> bool {
-    arg.get_long().is_some()
-        && !arg.is_hide_set()
-        && !matches!(arg.get_id().as_str(), CONFIG_ARG | "help" | "version")
+    arg.get_long().is_some() && !arg.is_hide_set() && !matches!(arg.get_id().as_str(), CONFIG_ARG | "help" | "version")
 }
 
 fn first_line(message: &str) -> String {
@@ -289,10 +255,7 @@ mod tests {
     fn bad_values_name_file_key_and_reason() {
         let err = parse(&["--config", "t.toml"], "port = \"eighty\"\n").expect_err("bad value");
         let text = err.to_string();
-        assert!(
-            text.starts_with("config file t.toml: key `port`: "),
-            "{text}"
-        );
+        assert!(text.starts_with("config file t.toml: key `port`: "), "{text}");
         assert!(text.contains("eighty"), "{text}");
         let err = parse(&["--config", "t.toml"], "port = [[1]]\n").expect_err("nested");
         assert!(err.to_string().contains("`port`"), "{err}");
@@ -302,14 +265,8 @@ mod tests {
 
     #[test]
     fn unreadable_file_is_named() {
-        let args = ["prog", "--config", "/nope.toml"]
-            .map(OsString::from)
-            .to_vec();
-        let err = load_from::<Args>(args, |_| Err(std::io::Error::other("gone")))
-            .expect_err("unreadable");
-        assert_eq!(
-            err.to_string(),
-            "config file /nope.toml: cannot read it: gone"
-        );
+        let args = ["prog", "--config", "/nope.toml"].map(OsString::from).to_vec();
+        let err = load_from::<Args>(args, |_| Err(std::io::Error::other("gone"))).expect_err("unreadable");
+        assert_eq!(err.to_string(), "config file /nope.toml: cannot read it: gone");
     }
 }

@@ -15,12 +15,9 @@ use tokio::net::TcpListener;
 
 /// Binds `addr` and logs the bound address with what is served there.
 pub async fn bind(addr: SocketAddr, serves: &'static str) -> io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {addr} for {serves}: {e}"),
-        )
-    })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} for {serves}: {e}")))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, serves, "listening");
     Ok(listener)

@@ -37,10 +37,7 @@ mod tests {
     #[test]
     fn overlapping_requests_share_everything_by_in_flight_time() {
         // 3 s of in-flight time in a 1 s window, split 2:1.
-        assert_eq!(
-            split(900, &[2_000_000, 1_000_000], 1_000_000),
-            (vec![600, 300], 0)
-        );
+        assert_eq!(split(900, &[2_000_000, 1_000_000], 1_000_000), (vec![600, 300], 0));
     }
 
     #[test]

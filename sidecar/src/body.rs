@@ -29,9 +29,7 @@ pub struct BilledDuration {
 
 impl BilledDuration {
     pub fn of(&self, micros: u64) -> u64 {
-        let step = u64::try_from(self.step.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let step = u64::try_from(self.step.as_micros()).unwrap_or(u64::MAX).max(1);
         let minimum = u64::try_from(self.minimum.as_micros()).unwrap_or(u64::MAX);
         micros.div_ceil(step).saturating_mul(step).max(minimum)
     }
@@ -112,10 +110,7 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
@@ -162,10 +157,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

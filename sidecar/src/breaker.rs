@@ -64,10 +64,7 @@ mod tests {
         }
         assert!(breaker.acquire().await.is_none(), "queue full: refused");
         drop(a);
-        assert!(
-            queued.await.unwrap(),
-            "the queued request gets the freed slot"
-        );
+        assert!(queued.await.unwrap(), "the queued request gets the freed slot");
         assert_eq!(breaker.waiting.load(Ordering::Relaxed), 0);
     }
 
@@ -75,8 +72,7 @@ mod tests {
     async fn a_waiter_that_gives_up_leaves_the_queue() {
         let breaker = Breaker::new(1, 1);
         let _slot = breaker.acquire().await.expect("slot");
-        let gave_up =
-            tokio::time::timeout(std::time::Duration::from_millis(20), breaker.acquire()).await;
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(20), breaker.acquire()).await;
         assert!(gave_up.is_err());
         assert_eq!(breaker.waiting.load(Ordering::Relaxed), 0);
     }

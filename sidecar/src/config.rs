@@ -32,12 +32,7 @@ pub struct Config {
 
     /// HTTP version towards the upstream: `auto` keeps the client's (HTTP/2
     /// stays h2c, so gRPC passes through), or always `http1` or `http2` (h2c).
-    #[arg(
-        long,
-        env = "TIDEMARK_UPSTREAM_PROTOCOL",
-        value_enum,
-        default_value = "auto"
-    )]
+    #[arg(long, env = "TIDEMARK_UPSTREAM_PROTOCOL", value_enum, default_value = "auto")]
     pub upstream_protocol: UpstreamProtocol,
 
     /// Service this instance belongs to.
@@ -49,12 +44,13 @@ pub struct Config {
     pub instance: Option<String>,
 
     /// Collector's ingest gRPC endpoint.
-    #[arg(
-        long,
-        env = "TIDEMARK_COLLECTOR",
-        default_value = "http://127.0.0.1:7400"
-    )]
+    #[arg(long, env = "TIDEMARK_COLLECTOR", default_value = "http://127.0.0.1:7400")]
     pub collector: http::Uri,
+
+    /// PEM file of the CA that signed the collector's certificate, for an
+    /// `https://` collector (default: the system's trusted roots).
+    #[arg(long, env = "TIDEMARK_COLLECTOR_CA")]
+    pub collector_ca: Option<PathBuf>,
 
     /// Bearer token sent to the collector (`authorization: Bearer ...`).
     #[arg(long, env = "TIDEMARK_COLLECTOR_TOKEN", hide_env_values = true)]
@@ -171,6 +167,8 @@ pub enum InvalidConfig {
     BillingStep,
     #[error("--collector-token is not a valid header value")]
     CollectorToken,
+    #[error("--collector-ca {path}: {reason}")]
+    CollectorCa { path: PathBuf, reason: String },
 }
 
 impl Config {

@@ -36,15 +36,13 @@ pub fn parse(header: &str) -> impl Iterator<Item = Result<(&str, u64), BadItem>>
 }
 
 fn parse_item(item: &str) -> Result<(&str, u64), BadItem> {
-    let (name, value) = item
-        .split_once('=')
-        .ok_or_else(|| BadItem::NotAPair(item.to_owned()))?;
+    let (name, value) = item.split_once('=').ok_or_else(|| BadItem::NotAPair(item.to_owned()))?;
     let (name, value) = (name.trim(), value.trim());
     let name_ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
-        });
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'));
     if !name_ok {
         return Err(BadItem::BadName(name.to_owned()));
     }
@@ -56,11 +54,7 @@ pub fn parse_decimal(text: &str) -> Result<u64, BadItem> {
     let bad = || BadItem::BadValue(text.to_owned());
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty()
-        || !digits(whole)
-        || !digits(fraction)
-        || fraction.len() > SCALE_DIGITS as usize
-    {
+    if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > SCALE_DIGITS as usize {
         return Err(bad());
     }
     if text.ends_with('.') {
@@ -71,8 +65,7 @@ pub fn parse_decimal(text: &str) -> Result<u64, BadItem> {
     let fraction: u64 = if fraction.is_empty() {
         0
     } else {
-        fraction.parse::<u64>().map_err(|_| bad())?
-            * 10u64.pow(SCALE_DIGITS - fraction.len() as u32)
+        fraction.parse::<u64>().map_err(|_| bad())? * 10u64.pow(SCALE_DIGITS - fraction.len() as u32)
     };
     whole
         .checked_mul(SCALE)
@@ -114,7 +107,9 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_item_by_item() {
-        let items: Vec<_> = parse("tokens=5,junk,=3,Tokens=1,x=-1,y=1e3,z=0.1234567891,w=1.,v=.5,u=99999999999999999999, ok = 7 ,,").collect();
+        let items: Vec<_> =
+            parse("tokens=5,junk,=3,Tokens=1,x=-1,y=1e3,z=0.1234567891,w=1.,v=.5,u=99999999999999999999, ok = 7 ,,")
+                .collect();
         assert_eq!(items[0], Ok(("tokens", 5 * SCALE)));
         assert_eq!(items[1], Err(BadItem::NotAPair("junk".into())));
         assert_eq!(items[2], Err(BadItem::BadName(String::new())));
@@ -124,10 +119,7 @@ mod tests {
         assert_eq!(items[6], Err(BadItem::BadValue("0.1234567891".into())));
         assert_eq!(items[7], Err(BadItem::BadValue("1.".into())));
         assert_eq!(items[8], Err(BadItem::BadValue(".5".into())));
-        assert_eq!(
-            items[9],
-            Err(BadItem::TooLarge("99999999999999999999".into()))
-        );
+        assert_eq!(items[9], Err(BadItem::TooLarge("99999999999999999999".into())));
         assert_eq!(items[10], Ok(("ok", 7 * SCALE)));
         assert_eq!(items.len(), 11, "empty items are skipped");
     }

@@ -31,7 +31,7 @@ use prometheus_client::registry::Registry;
 use tidemark_runtime::admin::{self, Readiness};
 use tidemark_runtime::listen::bind;
 use tidemark_runtime::shutdown::{self, Shutdown};
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 pub use config::Config;
 use meter::{Clock, Tenants};
@@ -52,6 +52,30 @@ pub enum SidecarError {
     Spool(#[from] spool::SpoolError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// The collector's endpoint, with TLS for `https://`.
+fn collector_endpoint(config: &Config) -> Result<Endpoint, config::InvalidConfig> {
+    let endpoint = Endpoint::from(config.collector.clone())
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true);
+    if config.collector.scheme_str() != Some("https") {
+        return Ok(endpoint);
+    }
+    let mut tls = ClientTlsConfig::new().with_native_roots();
+    if let Some(path) = &config.collector_ca {
+        let pem = std::fs::read(path).map_err(|e| config::InvalidConfig::CollectorCa {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        tls = tls.ca_certificate(Certificate::from_pem(pem));
+    }
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| config::InvalidConfig::CollectorCa {
+            path: config.collector_ca.clone().unwrap_or_default(),
+            reason: e.to_string(),
+        })
 }
 
 /// Runs the sidecar until `shutdown` fires, then stops accepting, lets the
@@ -93,9 +117,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     let proxy = Proxy::new(settings, Arc::clone(&tenants), Arc::clone(&telemetry))
         .ok_or_else(|| config::InvalidConfig::Upstream(config.upstream.clone()))?;
     let link = CollectorLink {
-        endpoint: Endpoint::from(config.collector.clone())
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true),
+        endpoint: collector_endpoint(&config)?,
         token: config
             .collector_token
             .as_deref()
@@ -178,10 +200,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
     proxy_drained.fire();
     let _ = windows_task.await;
     windows_closed.fire();
-    if tokio::time::timeout(config.drain_timeout, deliver_task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(config.drain_timeout, deliver_task).await.is_err() {
         tracing::error!(
             pending = pending.len(),
             spooled = config.spool_dir.is_some(),

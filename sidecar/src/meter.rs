@@ -138,8 +138,7 @@ impl TenantMeter {
         }
         let class = usize::from(done.status / 100).clamp(1, 5) - 1;
         self.status_classes[class].fetch_add(1, Relaxed);
-        self.duration_micros
-            .fetch_add(done.duration_micros, Relaxed);
+        self.duration_micros.fetch_add(done.duration_micros, Relaxed);
         self.billed_duration_micros
             .fetch_add(done.billed_duration_micros, Relaxed);
         // Last: once in_flight drops, the drain may retire this meter.
@@ -360,8 +359,7 @@ impl Tenants {
 fn attribute(usages: &mut Vec<TenantUsage>, measured: Usage, window_micros: u64) {
     let weights: Vec<u64> = usages.iter().map(|u| u.in_flight_micros).collect();
     let (cpu, idle_cpu) = attribution::split(measured.cpu_micros, &weights, window_micros);
-    let (memory, idle_memory) =
-        attribution::split(measured.memory_byte_micros, &weights, window_micros);
+    let (memory, idle_memory) = attribution::split(measured.memory_byte_micros, &weights, window_micros);
     for ((usage, cpu), memory) in usages.iter_mut().zip(cpu).zip(memory) {
         usage.cpu_micros = cpu;
         usage.memory_byte_micros = memory;
@@ -398,10 +396,7 @@ mod tests {
         a.finish(start + 500_000, ok(500_000));
         b.finish(start + 500_000, ok(500_000));
         let in_flight: u64 = [&a, &b].iter().map(|m| m.take(start + 1_000_000).1).sum();
-        assert_eq!(
-            in_flight, 1_000_000,
-            "1 s of in-flight time in a 1 s window"
-        );
+        assert_eq!(in_flight, 1_000_000, "1 s of in-flight time in a 1 s window");
     }
 
     #[test]
@@ -477,10 +472,7 @@ mod tests {
             t.drain(t.clock.now(), None).tenants.is_empty(),
             "the next window starts empty"
         );
-        assert!(
-            t.map.read().unwrap().is_empty(),
-            "idle tenants are forgotten"
-        );
+        assert!(t.map.read().unwrap().is_empty(), "idle tenants are forgotten");
     }
 
     #[test]
@@ -491,11 +483,7 @@ mod tests {
             t.begin(Some(name), now).finish(now, ok(1));
         }
         let w = t.drain(t.clock.now(), None);
-        let names: Vec<_> = w
-            .tenants
-            .iter()
-            .map(|u| (u.tenant.as_str(), u.requests))
-            .collect();
+        let names: Vec<_> = w.tenants.iter().map(|u| (u.tenant.as_str(), u.requests)).collect();
         assert_eq!(names, [(OVERFLOW_TENANT, 2), ("a", 2), ("b", 1)]);
         assert_eq!(w.tenants_overflowed, 2);
     }
@@ -528,14 +516,8 @@ mod tests {
         let w = t.drain(s + 1_000, Some(measured));
         let cpu: u64 = w.tenants.iter().map(|u| u.cpu_micros).sum();
         let memory: u64 = w.tenants.iter().map(|u| u.memory_byte_micros).sum();
-        assert_eq!(
-            (cpu, memory),
-            (measured.cpu_micros, measured.memory_byte_micros)
-        );
-        assert_eq!(
-            w.tenants.last().map(|u| u.tenant.as_str()),
-            Some(IDLE_TENANT)
-        );
+        assert_eq!((cpu, memory), (measured.cpu_micros, measured.memory_byte_micros));
+        assert_eq!(w.tenants.last().map(|u| u.tenant.as_str()), Some(IDLE_TENANT));
     }
 
     #[test]
@@ -551,10 +533,7 @@ mod tests {
         assert!(!m.add_custom("one-too-many", 1));
         m.finish(now, ok(1));
         let w = t.drain(t.clock.now(), None);
-        assert_eq!(
-            w.tenants[0].custom.get("tokens").map(String::as_str),
-            Some("532")
-        );
+        assert_eq!(w.tenants[0].custom.get("tokens").map(String::as_str), Some("532"));
         assert_eq!(w.tenants[0].custom.len(), MAX_CUSTOM_METERS);
         assert_eq!(w.tenants[0].custom_rejects, 1);
     }

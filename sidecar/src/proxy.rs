@@ -91,11 +91,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// `None` if the upstream URI has no scheme or host.
-    pub fn new(
-        settings: ProxySettings,
-        meters: Arc<Tenants>,
-        telemetry: Arc<Telemetry>,
-    ) -> Option<Proxy> {
+    pub fn new(settings: ProxySettings, meters: Arc<Tenants>, telemetry: Arc<Telemetry>) -> Option<Proxy> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -113,19 +109,14 @@ impl Proxy {
             authority: settings.upstream.authority()?.clone(),
             http1: client(false),
             http2: client(true),
-            breaker: (settings.max_concurrency > 0)
-                .then(|| Breaker::new(settings.max_concurrency, settings.max_queue)),
+            breaker: (settings.max_concurrency > 0).then(|| Breaker::new(settings.max_concurrency, settings.max_queue)),
             settings,
             meters,
             telemetry,
         })
     }
 
-    async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        client_addr: SocketAddr,
-    ) -> Response<ResponseBody> {
+    async fn handle(&self, mut req: Request<Incoming>, client_addr: SocketAddr) -> Response<ResponseBody> {
         let clock = self.meters.clock();
         let resolved = self.settings.tenants.resolve(req.headers());
         if resolved == Resolved::Invalid {
@@ -170,29 +161,22 @@ impl Proxy {
         };
         let request = Request::from_parts(parts, RequestBody::new(body, Arc::clone(end.meter())));
 
-        let mut response =
-            match tokio::time::timeout(self.settings.upstream_timeout, client.request(request))
-                .await
-            {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "upstream request failed");
-                    self.telemetry.upstream_errors.inc();
-                    end.status = StatusCode::BAD_GATEWAY.as_u16();
-                    end.error = true;
-                    return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", Some(end));
-                }
-                Err(_) => {
-                    self.telemetry.upstream_errors.inc();
-                    end.status = StatusCode::GATEWAY_TIMEOUT.as_u16();
-                    end.error = true;
-                    return plain(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream timed out\n",
-                        Some(end),
-                    );
-                }
-            };
+        let mut response = match tokio::time::timeout(self.settings.upstream_timeout, client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "upstream request failed");
+                self.telemetry.upstream_errors.inc();
+                end.status = StatusCode::BAD_GATEWAY.as_u16();
+                end.error = true;
+                return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", Some(end));
+            }
+            Err(_) => {
+                self.telemetry.upstream_errors.inc();
+                end.status = StatusCode::GATEWAY_TIMEOUT.as_u16();
+                end.error = true;
+                return plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", Some(end));
+            }
+        };
         end.status = response.status().as_u16();
         end.error = response.status().is_server_error();
         self.take_custom_usage(response.headers_mut(), &end);
@@ -229,9 +213,7 @@ impl Proxy {
             .path_and_query(path)
             .build()?;
         parts.version = match (self.settings.upstream_protocol, parts.version) {
-            (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Auto, Version::HTTP_2) => {
-                Version::HTTP_2
-            }
+            (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Auto, Version::HTTP_2) => Version::HTTP_2,
             _ => Version::HTTP_11,
         };
         let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
@@ -317,11 +299,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Copies bytes both ways between an upgraded client and upstream, counting
 /// them; the request ends when the tunnel closes.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    end: RequestEnd,
-) {
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, end: RequestEnd) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -395,16 +373,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();

@@ -76,14 +76,12 @@ impl Pending {
             let mut q = self.queue();
             let order = q.next_order;
             q.next_order += 1;
-            q.order_of
-                .insert((batch.session_id.as_str().into(), batch.seq), order);
+            q.order_of.insert((batch.session_id.as_str().into(), batch.seq), order);
             q.by_order.insert(order, batch);
             if q.by_order.len() > self.max
                 && let Some((_, lost)) = q.by_order.pop_first()
             {
-                q.order_of
-                    .remove(&(lost.session_id.as_str().into(), lost.seq));
+                q.order_of.remove(&(lost.session_id.as_str().into(), lost.seq));
                 dropped = Some(lost);
             }
             self.telemetry.pending_batches.set(q.by_order.len() as i64);
@@ -108,12 +106,7 @@ impl Pending {
         let q = self.queue();
         let from = after.map_or(0, |o| o + 1);
         let batches: Vec<UsageBatch> = q.by_order.range(from..).map(|(_, b)| b.clone()).collect();
-        let last = q
-            .by_order
-            .range(from..)
-            .next_back()
-            .map(|(o, _)| *o)
-            .or(after);
+        let last = q.by_order.range(from..).next_back().map(|(o, _)| *o).or(after);
         (batches, last)
     }
 
@@ -239,9 +232,7 @@ impl Windows {
                 }),
                 tenants_overflowed: window.tenants_overflowed,
             };
-            self.telemetry
-                .tenants_overflowed
-                .inc_by(window.tenants_overflowed);
+            self.telemetry.tenants_overflowed.inc_by(window.tenants_overflowed);
             if let Some(spool) = &self.spool {
                 match spool.store(&batch) {
                     Ok(Stored::Durable) => {
@@ -290,14 +281,9 @@ pub struct CollectorLink {
 struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
+            request.metadata_mut().insert("authorization", token.clone());
         }
         Ok(request)
     }
@@ -306,12 +292,7 @@ impl Interceptor for Bearer {
 /// Delivers pending batches to the collector, reconnecting with backoff and
 /// jitter whenever the stream breaks, until `done` fires (no more batches
 /// will come) and nothing is pending any more.
-pub async fn deliver(
-    link: CollectorLink,
-    pending: Arc<Pending>,
-    telemetry: Arc<Telemetry>,
-    mut done: Shutdown,
-) {
+pub async fn deliver(link: CollectorLink, pending: Arc<Pending>, telemetry: Arc<Telemetry>, mut done: Shutdown) {
     let mut failures = 0u32;
     loop {
         if done.is_fired() && pending.is_empty() {
@@ -327,6 +308,18 @@ pub async fn deliver(
             }
         }
     }
+}
+
+/// An error with its causes, `outer: inner: innermost`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Exponential backoff from 100 ms up to 5 s, with ±50% jitter.
@@ -348,13 +341,10 @@ async fn stream_once(
         .endpoint
         .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {}", error_chain(&e))))?;
     let mut client = IngestClient::with_interceptor(channel, Bearer(link.token.clone()));
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut replies = client
-        .report(UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut replies = client.report(UnboundedReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(collector = %link.endpoint.uri(), "connected to the collector");
     let mut sent_up_to = None;
     loop {

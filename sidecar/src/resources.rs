@@ -39,12 +39,8 @@ pub fn read(source: &Source) -> io::Result<Reading> {
             memory_bytes: number(&std::fs::read_to_string(dir.join("memory.current"))?)?,
         }),
         Source::Process(pid) => Ok(Reading {
-            cpu_micros: schedstat_micros(&std::fs::read_to_string(format!(
-                "/proc/{pid}/schedstat"
-            ))?)?,
-            memory_bytes: status_rss_bytes(&std::fs::read_to_string(format!(
-                "/proc/{pid}/status"
-            ))?)?,
+            cpu_micros: schedstat_micros(&std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?)?,
+            memory_bytes: status_rss_bytes(&std::fs::read_to_string(format!("/proc/{pid}/status"))?)?,
         }),
     }
 }
@@ -98,8 +94,7 @@ pub fn between(before: Reading, after: Reading, window_micros: u64) -> Usage {
     Usage {
         cpu_micros,
         memory_bytes: after.memory_bytes,
-        memory_byte_micros: u64::try_from(mean_memory * u128::from(window_micros))
-            .unwrap_or(u64::MAX),
+        memory_byte_micros: u64::try_from(mean_memory * u128::from(window_micros)).unwrap_or(u64::MAX),
     }
 }
 

@@ -58,11 +58,7 @@ impl Spool {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Spool, Vec<UsageBatch>), SpoolError> {
         let err = |action| {
             let path = dir.to_path_buf();
-            move |source| SpoolError::Io {
-                path,
-                action,
-                source,
-            }
+            move |source| SpoolError::Io { path, action, source }
         };
         fs::create_dir_all(dir).map_err(err("create"))?;
         let lock = File::create(dir.join("LOCK")).map_err(err("create lock file"))?;
@@ -130,10 +126,8 @@ impl Spool {
             Err(e) => return Err(e),
         };
         fs::remove_file(&path)?;
-        self.used.fetch_sub(
-            size.min(self.used.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        self.used
+            .fetch_sub(size.min(self.used.load(Ordering::Relaxed)), Ordering::Relaxed);
         Ok(())
     }
 
@@ -145,9 +139,7 @@ impl Spool {
 fn read_batch(path: &Path) -> io::Result<UsageBatch> {
     let bytes = fs::read(path)?;
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let (crc, payload) = bytes
-        .split_at_checked(4)
-        .ok_or_else(|| invalid("too short"))?;
+    let (crc, payload) = bytes.split_at_checked(4).ok_or_else(|| invalid("too short"))?;
     let crc = u32::from_le_bytes(crc.try_into().map_err(|_| invalid("too short"))?);
     if crc32fast::hash(payload) != crc {
         return Err(invalid("checksum mismatch"));
@@ -218,9 +210,6 @@ mod tests {
     fn one_spool_per_sidecar() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert!(matches!(
-            Spool::open(dir.path(), 1 << 20),
-            Err(SpoolError::Locked(_))
-        ));
+        assert!(matches!(Spool::open(dir.path(), 1 << 20), Err(SpoolError::Locked(_))));
     }
 }

@@ -34,8 +34,7 @@ impl Default for Telemetry {
             tenants_overflowed: Counter::default(),
             custom_usage_rejects: Counter::default(),
             request_duration: Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
             batches_sent: Counter::default(),
             batches_acked: Counter::default(),
@@ -52,11 +51,7 @@ impl Telemetry {
     pub fn register(registry: &mut Registry) -> Telemetry {
         let t = Telemetry::default();
         let r = registry.sub_registry_with_prefix("tidemark_sidecar");
-        r.register(
-            "requests",
-            "Requests forwarded and finished",
-            t.requests.clone(),
-        );
+        r.register("requests", "Requests forwarded and finished", t.requests.clone());
         r.register(
             "upstream_errors",
             "Requests the upstream did not answer in time (answered 502 or 504)",
@@ -118,12 +113,7 @@ impl Telemetry {
             "Usage batches waiting for an acknowledgement",
             t.pending_batches.clone(),
         );
-        r.register_with_unit(
-            "spool",
-            "Size of the on-disk spool",
-            Unit::Bytes,
-            t.spool_bytes.clone(),
-        );
+        r.register_with_unit("spool", "Size of the on-disk spool", Unit::Bytes, t.spool_bytes.clone());
         t
     }
 

@@ -53,14 +53,10 @@ impl TenantSource {
                 Some(Ok(name)) if is_valid_tenant(name) => Resolved::Tenant(name),
                 Some(_) => Resolved::Invalid,
             },
-            TenantSource::ApiKeys { header, keys } => {
-                match headers.get(header).and_then(|v| v.to_str().ok()) {
-                    Some(key) => keys
-                        .get(key)
-                        .map_or(Resolved::Anonymous, |t| Resolved::Tenant(t)),
-                    None => Resolved::Anonymous,
-                }
-            }
+            TenantSource::ApiKeys { header, keys } => match headers.get(header).and_then(|v| v.to_str().ok()) {
+                Some(key) => keys.get(key).map_or(Resolved::Anonymous, |t| Resolved::Tenant(t)),
+                None => Resolved::Anonymous,
+            },
         }
     }
 }
@@ -102,9 +98,7 @@ fn parse_keys(text: &str) -> Result<HashMap<String, String>, String> {
     let mut keys = HashMap::new();
     for (section, value) in table {
         if section != "keys" {
-            return Err(format!(
-                "key `{section}`: unknown key; the file holds one [keys] table"
-            ));
+            return Err(format!("key `{section}`: unknown key; the file holds one [keys] table"));
         }
         let toml::Value::Table(entries) = value else {
             return Err("key `keys`: must be a table of key = tenant".into());
@@ -143,18 +137,9 @@ mod tests {
             Resolved::Tenant("acme")
         );
         assert_eq!(source.resolve(&headers(&[])), Resolved::Anonymous);
-        assert_eq!(
-            source.resolve(&headers(&[("x-tenant-id", "a b")])),
-            Resolved::Invalid
-        );
-        assert_eq!(
-            source.resolve(&headers(&[("x-tenant-id", "_idle")])),
-            Resolved::Invalid
-        );
-        assert_eq!(
-            source.resolve(&headers(&[("x-tenant-id", "")])),
-            Resolved::Invalid
-        );
+        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "a b")])), Resolved::Invalid);
+        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "_idle")])), Resolved::Invalid);
+        assert_eq!(source.resolve(&headers(&[("x-tenant-id", "")])), Resolved::Invalid);
     }
 
     #[test]
@@ -168,10 +153,7 @@ mod tests {
             source.resolve(&headers(&[("x-api-key", "k-2")])),
             Resolved::Tenant("globex")
         );
-        assert_eq!(
-            source.resolve(&headers(&[("x-api-key", "nope")])),
-            Resolved::Anonymous
-        );
+        assert_eq!(source.resolve(&headers(&[("x-api-key", "nope")])), Resolved::Anonymous);
         assert_eq!(
             source.resolve(&headers(&[("x-tenant-id", "acme")])),
             Resolved::Anonymous,
@@ -181,26 +163,12 @@ mod tests {
 
     #[test]
     fn bad_key_files_say_what_is_wrong() {
-        assert!(
-            parse_keys("[keys]\nk = 1\n")
-                .unwrap_err()
-                .contains("keys.k")
-        );
-        assert!(
-            parse_keys("[keys]\nk = \"_x\"\n")
-                .unwrap_err()
-                .contains("keys.k")
-        );
+        assert!(parse_keys("[keys]\nk = 1\n").unwrap_err().contains("keys.k"));
+        assert!(parse_keys("[keys]\nk = \"_x\"\n").unwrap_err().contains("keys.k"));
         assert!(parse_keys("[other]\n").unwrap_err().contains("`other`"));
         assert!(parse_keys("keys = 3\n").unwrap_err().contains("table"));
-        assert!(
-            parse_keys("[keys\n")
-                .unwrap_err()
-                .contains("not valid TOML")
-        );
-        let err = load_keys(Path::new("/nonexistent/keys.toml"))
-            .unwrap_err()
-            .to_string();
+        assert!(parse_keys("[keys\n").unwrap_err().contains("not valid TOML"));
+        let err = load_keys(Path::new("/nonexistent/keys.toml")).unwrap_err().to_string();
         assert!(
             err.starts_with("API key file /nonexistent/keys.toml: cannot read it"),
             "{err}"

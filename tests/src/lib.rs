@@ -47,7 +47,9 @@ pub fn kafka_brokers() -> String {
 pub async fn fresh_postgres_database() -> String {
     use sqlx::Connection;
     let admin = std::env::var("TIDEMARK_DATABASE_URL").unwrap_or_else(|_| {
-        panic!("TIDEMARK_DATABASE_URL is not set: this test needs the real Postgres server; run it through scripts/test")
+        panic!(
+            "TIDEMARK_DATABASE_URL is not set: this test needs the real Postgres server; run it through scripts/test"
+        )
     });
     let name = format!("tidemark_test_{}", uuid::Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect(&admin)
@@ -96,9 +98,7 @@ impl Proc {
             }
         }
         command.envs(env.iter().copied());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&lines);
@@ -216,19 +216,14 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
 /// succeed.
 pub async fn send_requests(proxy: SocketAddr, tenant: &str, count: usize) {
     for _ in 0..count {
-        let (status, body) =
-            get(&format!("http://{proxy}/hello"), &[("x-tenant-id", tenant)]).await;
+        let (status, body) = get(&format!("http://{proxy}/hello"), &[("x-tenant-id", tenant)]).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
     }
 }
 
 /// The tenant's total of `meter` as billing's HTTP API reports it.
 pub async fn billed(api: SocketAddr, tenant: &str, meter: &str) -> i64 {
-    let (status, body) = get(
-        &format!("http://{api}/v1/usage?tenant={tenant}&meter={meter}"),
-        &[],
-    )
-    .await;
+    let (status, body) = get(&format!("http://{api}/v1/usage?tenant={tenant}&meter={meter}"), &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     json["totals"][meter].as_i64().unwrap_or(0)
@@ -293,12 +288,7 @@ pub async fn read_usage(
     while !done(&batches) {
         let record = tokio::time::timeout_at(deadline, consumer.recv())
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "usage never complete; read {} batches: {batches:#?}",
-                    batches.len()
-                )
-            })
+            .unwrap_or_else(|_| panic!("usage never complete; read {} batches: {batches:#?}", batches.len()))
             .unwrap();
         batches.push(tidemark_log::topics::decode_usage(&record.payload).unwrap());
     }
@@ -310,8 +300,7 @@ pub async fn read_usage(
 pub fn totals(
     batches: &[tidemark_proto::v1::UsageBatch],
 ) -> std::collections::BTreeMap<String, tidemark_proto::v1::TenantUsage> {
-    let mut sums: std::collections::BTreeMap<String, tidemark_proto::v1::TenantUsage> =
-        Default::default();
+    let mut sums: std::collections::BTreeMap<String, tidemark_proto::v1::TenantUsage> = Default::default();
     for usage in batches.iter().flat_map(|b| &b.tenants) {
         let sum = sums.entry(usage.tenant.clone()).or_default();
         sum.tenant.clone_from(&usage.tenant);
@@ -332,10 +321,7 @@ pub fn totals(
         sum.rejected += usage.rejected;
         sum.custom_rejects += usage.custom_rejects;
         for (meter, value) in &usage.custom {
-            let total = sum
-                .custom
-                .entry(meter.clone())
-                .or_insert_with(|| "0".into());
+            let total = sum.custom.entry(meter.clone()).or_insert_with(|| "0".into());
             *total = (total.parse::<u64>().unwrap() + value.parse::<u64>().unwrap()).to_string();
         }
     }

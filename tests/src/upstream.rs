@@ -47,18 +47,15 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible>
             tokio::spawn(async move {
                 let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                let _ = tx
-                    .send(Ok(Frame::data(Bytes::from_static(b"second"))))
-                    .await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"second")))).await;
             });
             Response::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
         }
         "/usage" => {
             let mut response = full(StatusCode::OK, "used");
-            response.headers_mut().insert(
-                "tidemark-usage",
-                "tokens=5, bad".parse().expect("static header"),
-            );
+            response
+                .headers_mut()
+                .insert("tidemark-usage", "tokens=5, bad".parse().expect("static header"));
             response
         }
         "/ws" => {
@@ -82,14 +79,8 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible>
                 .insert("upgrade", "echo".parse().expect("static header"));
             response
         }
-        other => match other
-            .strip_prefix("/status/")
-            .and_then(|s| s.parse::<u16>().ok())
-        {
-            Some(code) => full(
-                StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
-                "status",
-            ),
+        other => match other.strip_prefix("/status/").and_then(|s| s.parse::<u16>().ok()) {
+            Some(code) => full(StatusCode::from_u16(code).unwrap_or(StatusCode::OK), "status"),
             None => full(StatusCode::NOT_FOUND, "no such route"),
         },
     })

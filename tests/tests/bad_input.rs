@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use tidemark_e2e::{
-    Proc, expect_billed_requests, free_port, kafka_brokers, send_requests, start_upstream,
-    unique_topic,
+    Proc, expect_billed_requests, free_port, kafka_brokers, send_requests, start_upstream, unique_topic,
 };
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
@@ -44,17 +43,11 @@ async fn a_malformed_batch_gets_invalid_argument_and_the_stream_goes_on() {
         ],
     );
     let addr = collector.address("ingest gRPC");
-    let mut client = IngestClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client = IngestClient::connect(format!("http://{addr}")).await.unwrap();
     let mut bad = batch("", 0);
     bad.window_end_unix_micros = bad.window_start_unix_micros;
     let batches = vec![bad, batch("shop", 1)];
-    let mut replies = client
-        .report(tokio_stream::iter(batches))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut replies = client.report(tokio_stream::iter(batches)).await.unwrap().into_inner();
 
     let mut results = Vec::new();
     while let Some(reply) = replies.message().await.unwrap() {
@@ -113,12 +106,7 @@ async fn the_sidecar_serves_while_the_collector_is_down_and_delivers_later() {
         ],
     );
     let api = dev.address("billing HTTP API");
-    expect_billed_requests(
-        api,
-        &[("acme", 3 * rounds), ("globex", rounds)],
-        Duration::from_secs(1),
-    )
-    .await;
+    expect_billed_requests(api, &[("acme", 3 * rounds), ("globex", rounds)], Duration::from_secs(1)).await;
 }
 
 #[test]
@@ -136,10 +124,7 @@ fn a_bad_database_url_fails_at_start_with_a_clear_message() {
     ] {
         let mut billing = Proc::start(
             "tidemark-billing",
-            &[
-                &format!("--database-url={url}"),
-                "--kafka-brokers=127.0.0.1:1",
-            ],
+            &[&format!("--database-url={url}"), "--kafka-brokers=127.0.0.1:1"],
         );
         let status = billing.wait_exit(Duration::from_secs(60));
         let output = billing.output();
@@ -164,10 +149,7 @@ fn an_unreachable_broker_fails_at_start_with_a_clear_message() {
     let status = collector.wait_exit(Duration::from_secs(60));
     let output = collector.output();
     assert!(!status.success());
-    assert!(
-        output.contains("cannot reach Kafka at 127.0.0.1:1"),
-        "{output}"
-    );
+    assert!(output.contains("cannot reach Kafka at 127.0.0.1:1"), "{output}");
     assert!(output.contains("check --kafka-brokers"), "{output}");
 }
 
@@ -180,10 +162,7 @@ fn a_config_file_with_an_unknown_key_fails_at_start_naming_file_and_key() {
         "upstream = \"http://127.0.0.1:1\"\nservice = \"shop\"\nreport_intervall = \"1s\"\n",
     )
     .unwrap();
-    let mut sidecar = Proc::start(
-        "tidemark-sidecar",
-        &[&format!("--config={}", path.display())],
-    );
+    let mut sidecar = Proc::start("tidemark-sidecar", &[&format!("--config={}", path.display())]);
     let status = sidecar.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(2));
     let output = sidecar.output();

@@ -67,20 +67,14 @@ async fn a_group_resumes_from_its_committed_offsets_with_nothing_lost_or_repeate
         consumer.commit(&offsets).await.expect("commit");
     } // the consumer leaves the group here
 
-    let mut consumer = log
-        .consumer(&topic, "round-trip")
-        .await
-        .expect("consumer again");
+    let mut consumer = log.consumer(&topic, "round-trip").await.expect("consumer again");
     for _ in FIRST_READ..RECORDS {
         let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .expect("a record within 30s")
             .expect("recv");
         let payload = String::from_utf8(record.payload.to_vec()).unwrap();
-        assert!(
-            seen.insert(payload.clone()),
-            "{payload} was delivered twice"
-        );
+        assert!(seen.insert(payload.clone()), "{payload} was delivered twice");
     }
     assert_eq!(seen, sent, "every record exactly once");
     let extra = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await;

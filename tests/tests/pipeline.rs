@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tidemark_e2e::{
-    Proc, expect_billed_requests, fresh_postgres_database, kafka_brokers, send_requests,
-    start_upstream, unique_topic,
+    Proc, expect_billed_requests, fresh_postgres_database, kafka_brokers, send_requests, start_upstream, unique_topic,
 };
 
 const REPORT_INTERVAL: &str = "200ms";
@@ -45,10 +44,7 @@ async fn drive_and_check(collector: SocketAddr, billing_api: SocketAddr) {
 async fn kafka_pipeline(database_url: &str) {
     let brokers = kafka_brokers();
     let topic = unique_topic();
-    let kafka = [
-        format!("--kafka-brokers={brokers}"),
-        format!("--usage-topic={topic}"),
-    ];
+    let kafka = [format!("--kafka-brokers={brokers}"), format!("--usage-topic={topic}")];
     let collector = Proc::start(
         "tidemark-collector",
         &[
@@ -70,11 +66,7 @@ async fn kafka_pipeline(database_url: &str) {
             &kafka[1],
         ],
     );
-    drive_and_check(
-        collector.address("ingest gRPC"),
-        billing.address("billing HTTP API"),
-    )
-    .await;
+    drive_and_check(collector.address("ingest gRPC"), billing.address("billing HTTP API")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

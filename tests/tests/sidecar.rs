@@ -13,9 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tidemark_e2e::{
-    Proc, free_port, get, kafka_brokers, read_usage, start_upstream, totals, unique_topic,
-};
+use tidemark_e2e::{Proc, free_port, get, kafka_brokers, read_usage, start_upstream, totals, unique_topic};
 use tidemark_proto::v1::{TenantUsage, UsageBatch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -73,9 +71,7 @@ fn request(
     tenant: Option<&str>,
     body: &'static [u8],
 ) -> Request<Full<Bytes>> {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(format!("http://{proxy}{path}"));
+    let mut builder = Request::builder().method(method).uri(format!("http://{proxy}{path}"));
     if let Some(tenant) = tenant {
         builder = builder.header("x-tenant-id", tenant);
     }
@@ -141,39 +137,25 @@ async fn a_scripted_request_mix_is_metered_exactly_per_tenant() {
     let down_proxy = down.address("proxy");
 
     let http1: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let http2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let http2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
 
     for _ in 0..10 {
-        let (status, _, body) =
-            send(&http1, request("GET", proxy, "/hello", Some("acme"), b"")).await;
+        let (status, _, body) = send(&http1, request("GET", proxy, "/hello", Some("acme"), b"")).await;
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
     }
     for _ in 0..3 {
-        let (status, _, body) = send(
-            &http1,
-            request("POST", proxy, "/echo", Some("acme"), &[7u8; 1000]),
-        )
-        .await;
+        let (status, _, body) = send(&http1, request("POST", proxy, "/echo", Some("acme"), &[7u8; 1000])).await;
         assert_eq!((status, body.len()), (StatusCode::OK, 1000));
     }
     for _ in 0..5 {
-        let (status, _, body) =
-            send(&http2, request("GET", proxy, "/hello", Some("globex"), b"")).await;
+        let (status, _, body) = send(&http2, request("GET", proxy, "/hello", Some("globex"), b"")).await;
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
     }
     for (code, times) in [(503, 2), (404, 4)] {
         for _ in 0..times {
             let (status, _, _) = send(
                 &http1,
-                request(
-                    "GET",
-                    proxy,
-                    &format!("/status/{code}"),
-                    Some("globex"),
-                    b"",
-                ),
+                request("GET", proxy, &format!("/status/{code}"), Some("globex"), b""),
             )
             .await;
             assert_eq!(status.as_u16(), code);
@@ -181,31 +163,16 @@ async fn a_scripted_request_mix_is_metered_exactly_per_tenant() {
     }
     websocket_round_trip(proxy, "initech", b"ping!!").await;
     for _ in 0..2 {
-        let (status, headers, _) = send(
-            &http1,
-            request("GET", proxy, "/usage", Some("initech"), b""),
-        )
-        .await;
+        let (status, headers, _) = send(&http1, request("GET", proxy, "/usage", Some("initech"), b"")).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(
-            !headers.contains_key("tidemark-usage"),
-            "the usage header is stripped"
-        );
+        assert!(!headers.contains_key("tidemark-usage"), "the usage header is stripped");
     }
     for _ in 0..2 {
         send(&http1, request("GET", proxy, "/hello", None, b"")).await;
     }
-    send(
-        &http1,
-        request("GET", proxy, "/hello", Some("bad tenant!"), b""),
-    )
-    .await;
+    send(&http1, request("GET", proxy, "/hello", Some("bad tenant!"), b"")).await;
     for _ in 0..3 {
-        let (status, _, _) = send(
-            &http1,
-            request("GET", down_proxy, "/hello", Some("umbrella"), b""),
-        )
-        .await;
+        let (status, _, _) = send(&http1, request("GET", down_proxy, "/hello", Some("umbrella"), b"")).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
     }
 
@@ -254,8 +221,7 @@ async fn a_scripted_request_mix_is_metered_exactly_per_tenant() {
 
     let batches = read_usage(&brokers, &topic, |batches| {
         let got = totals(batches);
-        want.iter()
-            .all(|(t, w)| got.get(t).map(counted).as_ref() == Some(w))
+        want.iter().all(|(t, w)| got.get(t).map(counted).as_ref() == Some(w))
     })
     .await;
     let got = totals(&batches);
@@ -269,18 +235,12 @@ async fn a_scripted_request_mix_is_metered_exactly_per_tenant() {
     }
     // CPU and memory measured for the app (this process) split among the
     // tenants and idle, summing to what was measured, batch by batch.
-    for batch in batches
-        .iter()
-        .filter(|b| b.service == "shop" && b.resources.is_some())
-    {
+    for batch in batches.iter().filter(|b| b.service == "shop" && b.resources.is_some()) {
         let measured = batch.resources.as_ref().unwrap().cpu_micros;
         let attributed: u64 = batch.tenants.iter().map(|t| t.cpu_micros).sum();
         assert_eq!(attributed, measured, "batch {}", batch.seq);
     }
-    assert!(
-        batches.iter().any(|b| b.resources.is_some()),
-        "resources were sampled"
-    );
+    assert!(batches.iter().any(|b| b.resources.is_some()), "resources were sampled");
     drop(down);
 }
 
@@ -304,10 +264,7 @@ async fn bodies_stream_through_without_buffering() {
     let proxy = sidecar.address("proxy");
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let started = Instant::now();
-    let response = client
-        .request(request("GET", proxy, "/drip", None, b""))
-        .await
-        .unwrap();
+    let response = client.request(request("GET", proxy, "/drip", None, b"")).await.unwrap();
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"first");
@@ -338,8 +295,7 @@ async fn beyond_the_concurrency_limit_and_queue_requests_get_503_at_once() {
         .map(|_| {
             tokio::spawn(async move {
                 let started = Instant::now();
-                let (status, _) =
-                    get(&format!("http://{proxy}/slow"), &[("x-tenant-id", "acme")]).await;
+                let (status, _) = get(&format!("http://{proxy}/slow"), &[("x-tenant-id", "acme")]).await;
                 (status, started.elapsed())
             })
         })
@@ -361,15 +317,10 @@ async fn beyond_the_concurrency_limit_and_queue_requests_get_503_at_once() {
     assert_eq!(ok, 3, "two running and one queued");
     let batches = read_usage(&brokers, &topic, |b| {
         let t = totals(b);
-        t.get("acme")
-            .is_some_and(|u| u.requests == 3 && u.rejected == 3)
+        t.get("acme").is_some_and(|u| u.requests == 3 && u.rejected == 3)
     })
     .await;
-    assert_eq!(
-        totals(&batches)["acme"].responses_5xx,
-        0,
-        "refusals are not requests"
-    );
+    assert_eq!(totals(&batches)["acme"].responses_5xx, 0, "refusals are not requests");
 }
 
 /// Checks that each session's batches are `0..n` with none missing or twice.
@@ -404,13 +355,7 @@ async fn after_kill_9_the_spool_delivers_every_batch_exactly_once() {
     first.kill();
     let first_session_batches = std::fs::read_dir(spool.path())
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "batch")
-        })
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "batch"))
         .count();
     assert!(
         first_session_batches >= 3,
@@ -431,8 +376,115 @@ async fn after_kill_9_the_spool_delivers_every_batch_exactly_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let more = read_usage(&brokers, &topic, |b| b.len() > batches.len()).await;
     assert_eq!(totals(&more)["acme"].requests, 30, "every request once");
-    let sessions: std::collections::BTreeSet<&str> =
-        more.iter().map(|b| b.session_id.as_str()).collect();
+    let sessions: std::collections::BTreeSet<&str> = more.iter().map(|b| b.session_id.as_str()).collect();
     assert_eq!(sessions.len(), 2, "both runs delivered");
     assert_no_gap_no_duplicate(&more);
+}
+
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1, made
+/// with openssl: `(ca, cert, key)` paths.
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs (scripts/setup installs it)");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let (ca, ca_key, csr) = (path("ca.pem"), path("ca-key.pem"), path("leaf.csr"));
+    let (cert, key, ext) = (path("cert.pem"), path("key.pem"), path("leaf.ext"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    (ca, cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_reaches_a_collector_over_tls() {
+    let brokers = kafka_brokers();
+    let topic = unique_topic();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let collector = Proc::start(
+        "tidemark-collector",
+        &[
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            &format!("--kafka-brokers={brokers}"),
+            &format!("--usage-topic={topic}"),
+            &format!("--tls-cert={cert}"),
+            &format!("--tls-key={key}"),
+        ],
+    );
+    let port = collector.address("ingest gRPC").port();
+    let upstream = start_upstream().await;
+    let sidecar = Proc::start(
+        "tidemark-sidecar",
+        &[
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--service=shop",
+            "--report-interval=100ms",
+            &format!("--upstream=http://{upstream}"),
+            &format!("--collector=https://localhost:{port}"),
+            &format!("--collector-ca={ca}"),
+        ],
+    );
+    let proxy = sidecar.address("proxy");
+    for _ in 0..4 {
+        get(&format!("http://{proxy}/hello"), &[("x-tenant-id", "acme")]).await;
+    }
+    let batches = read_usage(&brokers, &topic, |b| {
+        totals(b).get("acme").is_some_and(|u| u.requests == 4)
+    })
+    .await;
+    assert_eq!(totals(&batches)["acme"].requests, 4);
 }

@@ -20,15 +20,9 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot connect to {addr}: {source}")]
-    Tcp {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Tcp { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Handshake { addr: SocketAddr, source: hyper::Error },
 }
 
 #[derive(Debug)]
@@ -88,13 +82,10 @@ impl Connection {
             return Ok(sender);
         }
         let mut sender = connect(self.addr).await?;
-        sender
-            .ready()
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
+        sender.ready().await.map_err(|source| ConnectError::Handshake {
+            addr: self.addr,
+            source,
+        })?;
         Ok(sender)
     }
 }

@@ -33,10 +33,8 @@ pub fn parse_header(text: &str) -> Result<(HeaderName, HeaderValue), InvalidHead
         .split_once(':')
         .ok_or_else(|| InvalidHeader::NoColon(text.to_owned()))?;
     let name = name.trim();
-    let parsed_name =
-        HeaderName::try_from(name).map_err(|_| InvalidHeader::Name(name.to_owned()))?;
-    let value =
-        HeaderValue::try_from(value.trim()).map_err(|_| InvalidHeader::Value(name.to_owned()))?;
+    let parsed_name = HeaderName::try_from(name).map_err(|_| InvalidHeader::Name(name.to_owned()))?;
+    let value = HeaderValue::try_from(value.trim()).map_err(|_| InvalidHeader::Value(name.to_owned()))?;
     Ok((parsed_name, value))
 }
 
@@ -67,10 +65,7 @@ impl RequestTemplate {
         let authority = target
             .authority()
             .ok_or_else(|| InvalidTarget::NoHost(target.clone()))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(InvalidTarget::NoHost(target.clone()));
         }
@@ -80,8 +75,8 @@ impl RequestTemplate {
             .parse::<Uri>()
             .map_err(|_| InvalidTarget::NoHost(target.clone()))?;
         let mut map = HeaderMap::new();
-        let host_value = HeaderValue::try_from(authority.as_str())
-            .map_err(|_| InvalidTarget::NoHost(target.clone()))?;
+        let host_value =
+            HeaderValue::try_from(authority.as_str()).map_err(|_| InvalidTarget::NoHost(target.clone()))?;
         map.insert(HOST, host_value);
         for (name, value) in headers {
             if name == HOST {

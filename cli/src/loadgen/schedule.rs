@@ -33,10 +33,7 @@ impl Schedule {
     /// with `offset(n) >= elapsed`.
     pub fn due_before(&self, elapsed: Duration) -> u64 {
         // offset(i) < e  <=>  i * 1e9 / rate < e  <=>  i < e * rate / 1e9.
-        count_from(div_ceil(
-            elapsed.as_nanos() * u128::from(self.rate),
-            NANOS_PER_SEC,
-        ))
+        count_from(div_ceil(elapsed.as_nanos() * u128::from(self.rate), NANOS_PER_SEC))
     }
 
     /// How many requests are due at or before `elapsed`.

@@ -21,6 +21,8 @@ pub struct Tally {
     pub ok: u64,
     pub status_errors: u64,
     pub io_errors: u64,
+    /// Responses (any status) to requests outside the measured window: the warmup.
+    pub unmeasured_responses: u64,
     /// End of the last measured response, from the start of the measured window.
     pub last_done: Duration,
 }
@@ -43,6 +45,7 @@ impl Default for Tally {
             ok: 0,
             status_errors: 0,
             io_errors: 0,
+            unmeasured_responses: 0,
             last_done: Duration::ZERO,
         }
     }
@@ -77,6 +80,13 @@ impl Tally {
         self.last_done = self.last_done.max(done);
     }
 
+    /// Counts a request sent outside the measured window (the warmup).
+    pub fn record_unmeasured(&mut self, outcome: Outcome) {
+        if outcome != Outcome::Io {
+            self.unmeasured_responses += 1;
+        }
+    }
+
     pub fn merge(&mut self, other: &Tally) {
         // Same bounds on both sides, so adding cannot fail; saturate anyway.
         for v in other.latency.iter_recorded() {
@@ -84,12 +94,12 @@ impl Tally {
                 .saturating_record_n(v.value_iterated_to(), v.count_at_value());
         }
         for v in other.lag.iter_recorded() {
-            self.lag
-                .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+            self.lag.saturating_record_n(v.value_iterated_to(), v.count_at_value());
         }
         self.ok += other.ok;
         self.status_errors += other.status_errors;
         self.io_errors += other.io_errors;
+        self.unmeasured_responses += other.unmeasured_responses;
         self.last_done = self.last_done.max(other.last_done);
     }
 
@@ -117,6 +127,9 @@ pub struct Summary {
     pub io_errors: u64,
     /// Measured requests scheduled but not finished when the run gave up on them.
     pub unfinished: u64,
+    /// Every response received, whatever its status, warmup included: what
+    /// the target answered (and a metering proxy should have counted).
+    pub responses: u64,
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
@@ -166,6 +179,7 @@ impl Summary {
             status_errors: tally.status_errors,
             io_errors: tally.io_errors,
             unfinished,
+            responses: tally.ok + tally.status_errors + tally.unmeasured_responses,
             p50_us: quantile_us(&tally.latency, 0.50),
             p90_us: quantile_us(&tally.latency, 0.90),
             p99_us: quantile_us(&tally.latency, 0.99),
@@ -212,13 +226,9 @@ impl fmt::Display for Summary {
         writeln!(
             f,
             "achieved    {:.1} req/s: {} ok, {} errors ({} non-2xx, {} I/O), {} unfinished",
-            self.achieved_rps,
-            self.count,
-            self.errors,
-            self.status_errors,
-            self.io_errors,
-            self.unfinished
+            self.achieved_rps, self.count, self.errors, self.status_errors, self.io_errors, self.unfinished
         )?;
+        writeln!(f, "responses   {} in all, warmup included", self.responses)?;
         writeln!(
             f,
             "latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
@@ -275,24 +285,14 @@ mod tests {
         for _ in 0..999 {
             t.record(Outcome::Ok, us(100), Duration::ZERO, us(1));
         }
-        t.record(
-            Outcome::Ok,
-            Duration::from_millis(50),
-            Duration::ZERO,
-            us(1),
-        );
+        t.record(Outcome::Ok, Duration::from_millis(50), Duration::ZERO, us(1));
         let s = Summary::new(&shape(1000, None), &t);
         assert_eq!(s.p50_us, 100.0);
         assert_eq!(s.p99_us, 100.0);
         assert!(s.p999_us <= 100.1, "{}", s.p999_us);
         assert!((s.max_us - 50_000.0).abs() <= 50.0, "{}", s.max_us);
         let mut t2 = t.clone();
-        t2.record(
-            Outcome::Ok,
-            Duration::from_millis(50),
-            Duration::ZERO,
-            us(1),
-        );
+        t2.record(Outcome::Ok, Duration::from_millis(50), Duration::ZERO, us(1));
         let s2 = Summary::new(&shape(1000, None), &t2);
         assert!(s2.p999_us >= 49_950.0, "{}", s2.p999_us);
     }
@@ -303,8 +303,12 @@ mod tests {
         t.record(Outcome::Ok, us(100), us(3), us(10));
         t.record(Outcome::Status(502), us(1), Duration::ZERO, us(20));
         t.record(Outcome::Io, us(1), Duration::ZERO, us(30));
+        t.record_unmeasured(Outcome::Ok);
+        t.record_unmeasured(Outcome::Status(500));
+        t.record_unmeasured(Outcome::Io);
         let s = Summary::new(&shape(10, Some(5)), &t);
         assert_eq!((s.count, s.errors), (1, 2));
+        assert_eq!(s.responses, 4);
         assert_eq!((s.status_errors, s.io_errors), (1, 1));
         assert_eq!(s.unfinished, 2);
         assert_eq!(s.p50_us, 100.0);
@@ -318,15 +322,11 @@ mod tests {
         for _ in 0..3 {
             a.record(Outcome::Ok, us(10), Duration::ZERO, us(5));
         }
-        b.record(
-            Outcome::Ok,
-            us(1000),
-            Duration::ZERO,
-            Duration::from_secs(2),
-        );
+        b.record(Outcome::Ok, us(1000), Duration::ZERO, Duration::from_secs(2));
         b.record(Outcome::Io, us(1), Duration::ZERO, us(1));
+        b.record_unmeasured(Outcome::Ok);
         a.merge(&b);
-        assert_eq!((a.ok, a.io_errors), (4, 1));
+        assert_eq!((a.ok, a.io_errors, a.unmeasured_responses), (4, 1, 1));
         assert_eq!(a.latency.len(), 4);
         assert_eq!(a.last_done, Duration::from_secs(2));
         assert!(a.latency.max() >= 999_000);
@@ -348,10 +348,7 @@ mod tests {
     #[test]
     fn an_empty_run_reports_zeros() {
         let s = Summary::new(&shape(0, None), &Tally::default());
-        assert_eq!(
-            (s.count, s.p50_us, s.max_us, s.achieved_rps),
-            (0, 0.0, 0.0, 0.0)
-        );
+        assert_eq!((s.count, s.p50_us, s.max_us, s.achieved_rps), (0, 0.0, 0.0, 0.0));
     }
 
     #[test]
@@ -369,6 +366,7 @@ mod tests {
             "p99_us",
             "p999_us",
             "max_us",
+            "responses",
         ] {
             assert!(json.get(key).is_some(), "{key}");
         }

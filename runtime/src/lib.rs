@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod config;
 pub mod listen;
+pub mod metrics;
 pub mod shutdown;
 
 /// Starts logging to stderr. `RUST_LOG` filters (default `info`).

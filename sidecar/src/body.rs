@@ -45,7 +45,7 @@ pub struct RequestEnd {
     pub status: u16,
     pub error: bool,
     billing: BilledDuration,
-    telemetry: Arc<Telemetry>,
+    telemetry: &'static Telemetry,
     /// The concurrency slot the request holds, if the sidecar limits it.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -56,7 +56,7 @@ impl RequestEnd {
         clock: Clock,
         started: u64,
         billing: BilledDuration,
-        telemetry: Arc<Telemetry>,
+        telemetry: &'static Telemetry,
         permit: Option<OwnedSemaphorePermit>,
     ) -> RequestEnd {
         RequestEnd {

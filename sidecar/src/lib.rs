@@ -84,7 +84,9 @@ fn collector_endpoint(config: &Config) -> Result<Endpoint, config::InvalidConfig
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError> {
     let config = config.validate()?;
     let mut registry = Registry::default();
-    let telemetry = Arc::new(Telemetry::register(&mut registry));
+    // One per process, alive as long as it: requests borrow it without a
+    // reference count.
+    let telemetry: &'static Telemetry = Box::leak(Box::new(Telemetry::register(&mut registry)));
     let tenants = Arc::new(Tenants::new(Clock::new(), config.max_tenants));
     let identity = Identity {
         service: config.service.clone(),
@@ -114,7 +116,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
         client_header_timeout: config.client_header_timeout,
         idle_timeout: config.idle_timeout,
     };
-    let proxy = Proxy::new(settings, Arc::clone(&tenants), Arc::clone(&telemetry))
+    let proxy = Proxy::new(settings, Arc::clone(&tenants), telemetry)
         .ok_or_else(|| config::InvalidConfig::Upstream(config.upstream.clone()))?;
     let link = CollectorLink {
         endpoint: collector_endpoint(&config)?,
@@ -138,11 +140,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
             (None, Vec::new())
         }
     };
-    let pending = Arc::new(Pending::new(
-        config.max_pending_batches,
-        spool.clone(),
-        Arc::clone(&telemetry),
-    ));
+    let pending = Arc::new(Pending::new(config.max_pending_batches, spool.clone(), telemetry));
     if !leftovers.is_empty() {
         tracing::info!(
             batches = leftovers.len(),
@@ -176,15 +174,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
         sampler,
         pending: Arc::clone(&pending),
         spool,
-        telemetry: Arc::clone(&telemetry),
+        telemetry,
     };
     let windows_task = tokio::spawn(windows.run(config.report_interval, after_proxy));
-    let deliver_task = tokio::spawn(reporter::deliver(
-        link,
-        Arc::clone(&pending),
-        Arc::clone(&telemetry),
-        after_windows,
-    ));
+    let deliver_task = tokio::spawn(reporter::deliver(link, Arc::clone(&pending), telemetry, after_windows));
     readiness.set(true);
     tracing::info!(
         service = %identity.service,

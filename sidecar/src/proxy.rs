@@ -86,12 +86,12 @@ pub struct Proxy {
     http2: Client<HttpConnector, RequestBody>,
     breaker: Option<Breaker>,
     meters: Arc<Tenants>,
-    telemetry: Arc<Telemetry>,
+    telemetry: &'static Telemetry,
 }
 
 impl Proxy {
     /// `None` if the upstream URI has no scheme or host.
-    pub fn new(settings: ProxySettings, meters: Arc<Tenants>, telemetry: Arc<Telemetry>) -> Option<Proxy> {
+    pub fn new(settings: ProxySettings, meters: Arc<Tenants>, telemetry: &'static Telemetry) -> Option<Proxy> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -122,11 +122,12 @@ impl Proxy {
         if resolved == Resolved::Invalid {
             self.telemetry.invalid_tenants.inc();
         }
-        let meter = self.meters.begin(resolved.name(), clock.now());
-        let permit = match &self.breaker {
-            None => None,
+        let arrived = clock.now();
+        let meter = self.meters.begin(resolved.name(), arrived);
+        let (permit, started) = match &self.breaker {
+            None => (None, arrived),
             Some(breaker) => match breaker.acquire().await {
-                Some(permit) => Some(permit),
+                Some(permit) => (Some(permit), clock.now()),
                 None => {
                     meter.reject(clock.now());
                     self.telemetry.breaker_rejections.inc();
@@ -134,14 +135,7 @@ impl Proxy {
                 }
             },
         };
-        let mut end = RequestEnd::new(
-            meter,
-            clock,
-            clock.now(),
-            self.settings.billing,
-            Arc::clone(&self.telemetry),
-            permit,
-        );
+        let mut end = RequestEnd::new(meter, clock, started, self.settings.billing, self.telemetry, permit);
 
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

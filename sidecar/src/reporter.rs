@@ -50,11 +50,11 @@ pub struct Pending {
     added: Notify,
     max: usize,
     spool: Option<Arc<Spool>>,
-    telemetry: Arc<Telemetry>,
+    telemetry: &'static Telemetry,
 }
 
 impl Pending {
-    pub fn new(max: usize, spool: Option<Arc<Spool>>, telemetry: Arc<Telemetry>) -> Pending {
+    pub fn new(max: usize, spool: Option<Arc<Spool>>, telemetry: &'static Telemetry) -> Pending {
         Pending {
             queue: Mutex::new(Queue::default()),
             added: Notify::new(),
@@ -187,7 +187,7 @@ pub struct Windows {
     pub sampler: Option<Sampler>,
     pub pending: Arc<Pending>,
     pub spool: Option<Arc<Spool>>,
-    pub telemetry: Arc<Telemetry>,
+    pub telemetry: &'static Telemetry,
 }
 
 impl Windows {
@@ -292,13 +292,13 @@ impl Interceptor for Bearer {
 /// Delivers pending batches to the collector, reconnecting with backoff and
 /// jitter whenever the stream breaks, until `done` fires (no more batches
 /// will come) and nothing is pending any more.
-pub async fn deliver(link: CollectorLink, pending: Arc<Pending>, telemetry: Arc<Telemetry>, mut done: Shutdown) {
+pub async fn deliver(link: CollectorLink, pending: Arc<Pending>, telemetry: &'static Telemetry, mut done: Shutdown) {
     let mut failures = 0u32;
     loop {
         if done.is_fired() && pending.is_empty() {
             return;
         }
-        match stream_once(&link, &pending, &telemetry, &mut done).await {
+        match stream_once(&link, &pending, telemetry, &mut done).await {
             Ok(()) => return,
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -413,8 +413,8 @@ mod tests {
 
     #[test]
     fn pending_keeps_queue_order_across_sessions_and_drops_the_oldest_beyond_its_bound() {
-        let telemetry = Arc::new(Telemetry::default());
-        let pending = Pending::new(3, None, Arc::clone(&telemetry));
+        let telemetry: &'static Telemetry = Box::leak(Box::default());
+        let pending = Pending::new(3, None, telemetry);
         // Replayed batches of an old session, then the current one's.
         for (session, seq) in [("z-old", 4), ("z-old", 5), ("a-new", 0), ("a-new", 1)] {
             pending.push(batch(session, seq));

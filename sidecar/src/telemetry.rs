@@ -3,10 +3,10 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use tidemark_runtime::metrics::LatencyHistogram;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Telemetry {
     pub requests: Counter,
     pub upstream_errors: Counter,
@@ -14,7 +14,7 @@ pub struct Telemetry {
     pub invalid_tenants: Counter,
     pub tenants_overflowed: Counter,
     pub custom_usage_rejects: Counter,
-    pub request_duration: Histogram,
+    pub request_duration: LatencyHistogram,
     pub batches_sent: Counter,
     pub batches_acked: Counter,
     pub batches_rejected: Counter,
@@ -22,29 +22,6 @@ pub struct Telemetry {
     pub batches_unspooled: Counter,
     pub pending_batches: Gauge,
     pub spool_bytes: Gauge,
-}
-
-impl Default for Telemetry {
-    fn default() -> Self {
-        Telemetry {
-            requests: Counter::default(),
-            upstream_errors: Counter::default(),
-            breaker_rejections: Counter::default(),
-            invalid_tenants: Counter::default(),
-            tenants_overflowed: Counter::default(),
-            custom_usage_rejects: Counter::default(),
-            request_duration: Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            batches_sent: Counter::default(),
-            batches_acked: Counter::default(),
-            batches_rejected: Counter::default(),
-            batches_dropped: Counter::default(),
-            batches_unspooled: Counter::default(),
-            pending_batches: Gauge::default(),
-            spool_bytes: Gauge::default(),
-        }
-    }
 }
 
 impl Telemetry {
@@ -119,6 +96,6 @@ impl Telemetry {
 
     pub fn observe_request(&self, duration_micros: u64) {
         self.requests.inc();
-        self.request_duration.observe(duration_micros as f64 / 1e6);
+        self.request_duration.observe_micros(duration_micros);
     }
 }

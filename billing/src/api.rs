@@ -31,7 +31,10 @@ pub async fn serve(
 }
 
 pub fn router(store: Store) -> Router {
-    Router::new().route("/v1/usage", get(usage)).with_state(store)
+    Router::new()
+        .route("/v1/usage", get(usage))
+        .route("/v1/gaps", get(gaps))
+        .with_state(store)
 }
 
 /// An error answered as JSON.
@@ -43,6 +46,16 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A store failure: logged in full, answered without details.
+    fn internal(what: &'static str, error: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(%error, "{what} failed");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("{what} failed"),
+            parameter: None,
+        }
+    }
+
     fn bad(parameter: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -144,14 +157,10 @@ async fn usage(
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Json<UsageResponse>, ApiError> {
     let q = parse_usage_query(&params)?;
-    let rows = store.usage(&q).await.map_err(|e| {
-        tracing::error!(error = %e, "usage query failed");
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: "usage query failed".into(),
-            parameter: None,
-        }
-    })?;
+    let rows = store
+        .usage(&q)
+        .await
+        .map_err(|e| ApiError::internal("usage query", &e))?;
     let mut totals = BTreeMap::new();
     for row in &rows {
         *totals.entry(row.meter.clone()).or_insert(0) += row.quantity;
@@ -172,6 +181,24 @@ async fn usage(
             .collect(),
         totals,
     }))
+}
+
+/// `GET /v1/gaps`: every session with missing batches, still waited for
+/// (`open`) or declared lost after the grace period (`lost`).
+async fn gaps(State(store): State<Store>) -> Result<Json<serde_json::Value>, ApiError> {
+    let sessions = store.gaps().await.map_err(|e| ApiError::internal("gaps query", &e))?;
+    let sessions: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            let missing: Vec<_> = s
+                .missing
+                .iter()
+                .map(|m| json!({ "from_seq": m.from_seq, "to_seq": m.to_seq, "state": if m.lost { "lost" } else { "open" } }))
+                .collect();
+            json!({ "session": s.session_id, "service": s.service, "instance": s.instance, "missing": missing })
+        })
+        .collect();
+    Ok(Json(json!({ "sessions": sessions })))
 }
 
 #[cfg(test)]

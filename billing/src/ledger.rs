@@ -16,7 +16,7 @@ use tidemark_log::topics::decode_usage;
 use tidemark_log::{Consumer, LogError, Record};
 use tidemark_runtime::shutdown::Shutdown;
 
-use crate::store::{Store, StoreError};
+use crate::store::{CommitClock, Store, StoreError};
 use crate::telemetry::Telemetry;
 
 /// Batches read before a commit is forced, whatever the interval.
@@ -42,6 +42,13 @@ pub struct Ledger {
     rewound: HashSet<i32>,
     uncommitted: Vec<UsageBatch>,
     dirty: bool,
+    gap_grace: Duration,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 impl Ledger {
@@ -50,6 +57,7 @@ impl Ledger {
         store: Store,
         topic: &str,
         telemetry: Arc<Telemetry>,
+        gap_grace: Duration,
     ) -> Result<Ledger, LedgerError> {
         let next = store.offsets(topic).await?;
         Ok(Ledger {
@@ -61,6 +69,7 @@ impl Ledger {
             rewound: HashSet::new(),
             uncommitted: Vec::new(),
             dirty: false,
+            gap_grace,
         })
     }
 
@@ -118,7 +127,11 @@ impl Ledger {
             return Ok(());
         }
         let offsets: Vec<(i32, i64)> = self.next.iter().map(|(p, o)| (*p, *o)).collect();
-        let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets).await {
+        let clock = CommitClock {
+            now_micros: now_micros(),
+            gap_grace_micros: i64::try_from(self.gap_grace.as_micros()).unwrap_or(i64::MAX),
+        };
+        let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets, clock).await {
             Ok(c) => c,
             Err(e) => {
                 self.telemetry.commit_errors.inc();
@@ -128,6 +141,14 @@ impl Ledger {
         self.telemetry.commits.inc();
         self.telemetry.batches_counted.inc_by(committed.batches);
         self.telemetry.batches_duplicate.inc_by(committed.duplicates);
+        self.telemetry.batches_recovered.inc_by(committed.recovered);
+        self.telemetry.batches_lost.inc_by(committed.declared_lost);
+        if committed.declared_lost > 0 {
+            tracing::error!(
+                batches = committed.declared_lost,
+                "usage batches missing past the grace period declared lost; see GET /v1/gaps"
+            );
+        }
         self.uncommitted.clear();
         self.dirty = false;
         if let Err(e) = self.consumer.commit(&offsets).await {

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod ledger;
+pub mod sessions;
 pub mod store;
 pub mod telemetry;
 
@@ -26,6 +27,11 @@ pub struct BillingArgs {
     /// Address of the billing HTTP API.
     #[arg(long, env = "TIDEMARK_API_LISTEN", default_value = "127.0.0.1:7410")]
     pub api_listen: SocketAddr,
+
+    /// How long a session's missing batch is waited for before it is
+    /// declared lost (reported as missing usage in GET /v1/gaps).
+    #[arg(long, env = "TIDEMARK_GAP_GRACE", value_parser = duration, default_value = "10m")]
+    pub gap_grace: Duration,
 
     /// How often the ledger commits what it read.
     #[arg(long, env = "TIDEMARK_COMMIT_INTERVAL", value_parser = duration, default_value = "1s")]

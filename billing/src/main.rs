@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let telemetry = Arc::new(Telemetry::register(&mut registry));
-    let ledger = Ledger::new(consumer, store.clone(), topic, telemetry).await?;
+    let ledger = Ledger::new(consumer, store.clone(), topic, telemetry, args.billing.gap_grace).await?;
     let api_listener = tidemark_runtime::listen::bind(args.billing.api_listen, "billing HTTP API").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;

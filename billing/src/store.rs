@@ -1,9 +1,9 @@
 //! The billing store: SQLite (default, embedded) or Postgres (scale-out),
 //! one schema, one set of SQL statements, migrations run at start.
 //!
-//! Everything a ledger commit writes (rollups, the `(session, seq)` of every
-//! batch counted, and the log offsets) goes into one transaction, so after
-//! any crash the store and the offsets it resumes from agree.
+//! Everything a ledger commit writes (rollups, each session's dedupe state,
+//! and the log offsets) goes into one transaction, so after any crash the
+//! store and the offsets it resumes from agree.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,6 +12,8 @@ use sqlx::{AnyPool, Executor, Row};
 use tidemark_core::UsageBatch;
 use tidemark_core::meter::Meter;
 use tidemark_core::window::minute_start;
+
+use crate::sessions::{Missing, SessionState, Verdict};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,28 +33,46 @@ pub enum StoreError {
 }
 
 /// Schema migrations, applied in order; the store records the last applied.
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE usage_rollup (
-        tenant TEXT NOT NULL,
-        service TEXT NOT NULL,
-        meter TEXT NOT NULL,
-        minute BIGINT NOT NULL,
-        quantity BIGINT NOT NULL,
-        batches BIGINT NOT NULL,
-        PRIMARY KEY (tenant, minute, service, meter)
-    )",
-    "CREATE TABLE seen_batch (
-        session_id TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        PRIMARY KEY (session_id, seq)
-    )",
-    "CREATE TABLE log_offset (
-        topic TEXT NOT NULL,
-        part INTEGER NOT NULL,
-        next_offset BIGINT NOT NULL,
-        PRIMARY KEY (topic, part)
-    )",
-]];
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE usage_rollup (
+            tenant TEXT NOT NULL,
+            service TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            minute BIGINT NOT NULL,
+            quantity BIGINT NOT NULL,
+            batches BIGINT NOT NULL,
+            PRIMARY KEY (tenant, minute, service, meter)
+        )",
+        "CREATE TABLE seen_batch (
+            session_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )",
+        "CREATE TABLE log_offset (
+            topic TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            next_offset BIGINT NOT NULL,
+            PRIMARY KEY (topic, part)
+        )",
+    ],
+    // One row of dedupe state per session instead of one row per batch.
+    &[
+        "CREATE TABLE session_state (
+            session_id TEXT NOT NULL PRIMARY KEY,
+            service TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            next_seq BIGINT NOT NULL,
+            above TEXT NOT NULL,
+            hole_since BIGINT,
+            lost TEXT NOT NULL,
+            last_seen BIGINT NOT NULL
+        )",
+        "INSERT INTO session_state (session_id, service, instance, next_seq, above, hole_since, lost, last_seen)
+         SELECT session_id, '', '', MAX(seq) + 1, '', NULL, '', 0 FROM seen_batch GROUP BY session_id",
+        "DROP TABLE seen_batch",
+    ],
+];
 
 /// One row of rolled-up usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,9 +88,34 @@ pub struct UsageRow {
 /// What one ledger commit did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Committed {
+    /// Batches counted, recovered ones included.
     pub batches: u64,
     pub duplicates: u64,
+    /// Batches declared lost earlier that turned up and were counted.
+    pub recovered: u64,
+    /// Batches declared lost by this commit (holes older than the grace).
+    pub declared_lost: u64,
 }
+
+/// The time a commit happens at, and how long a hole in a session's seqs
+/// may stay open before it is declared lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitClock {
+    pub now_micros: i64,
+    pub gap_grace_micros: i64,
+}
+
+/// A session with missing batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionGaps {
+    pub session_id: String,
+    pub service: String,
+    pub instance: String,
+    pub missing: Vec<Missing>,
+}
+
+/// Rows of session state read in one query.
+const SESSIONS_PER_QUERY: usize = 500;
 
 /// A usage query: one tenant, a half-open time range, optional filters.
 #[derive(Debug, Clone, Default)]
@@ -182,27 +227,28 @@ impl Store {
     }
 
     /// Counts `batches` (dropping those whose `(session, seq)` was counted
-    /// before) and records `next_offsets`, in one transaction.
+    /// before, declaring lost the holes older than the grace) and records
+    /// `next_offsets`, in one transaction.
     pub async fn commit(
         &self,
         topic: &str,
         batches: &[UsageBatch],
         next_offsets: &[(i32, i64)],
+        clock: CommitClock,
     ) -> Result<Committed, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let mut states = load_sessions(&mut tx, batches.iter().map(|b| b.session_id.as_str())).await?;
         let mut rollups: BTreeMap<(&str, &str, &'static str, i64), (i64, i64)> = BTreeMap::new();
         let mut committed = Committed::default();
         for batch in batches {
-            let inserted =
-                sqlx::query("INSERT INTO seen_batch (session_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                    .bind(&batch.session_id)
-                    .bind(i64::try_from(batch.seq).unwrap_or(i64::MAX))
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            if inserted == 0 {
-                committed.duplicates += 1;
-                continue;
+            let state = states.entry(batch.session_id.as_str()).or_default();
+            match state.admit(batch.seq, clock.now_micros) {
+                Verdict::Duplicate => {
+                    committed.duplicates += 1;
+                    continue;
+                }
+                Verdict::Recovered => committed.recovered += 1,
+                Verdict::New => {}
             }
             committed.batches += 1;
             let minute = minute_start(batch.window_start_unix_micros);
@@ -219,6 +265,15 @@ impl Store {
                     entry.1 += 1;
                 }
             }
+        }
+        let mut touched: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for batch in batches {
+            touched.insert(&batch.session_id, (&batch.service, &batch.instance));
+        }
+        for (session, (service, instance)) in touched {
+            let Some(state) = states.get_mut(session) else { continue };
+            committed.declared_lost += state.declare_old_holes(clock.now_micros, clock.gap_grace_micros);
+            save_session(&mut tx, session, service, instance, state, clock.now_micros).await?;
         }
         for ((tenant, service, meter, minute), (quantity, count)) in rollups {
             sqlx::query(
@@ -252,6 +307,37 @@ impl Store {
         Ok(committed)
     }
 
+    /// Every session with missing batches, open or declared lost.
+    pub async fn gaps(&self) -> Result<Vec<SessionGaps>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT session_id, service, instance, next_seq, above, hole_since, lost FROM session_state
+             WHERE above <> '' OR lost <> '' ORDER BY service, session_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let session_id: String = r.try_get(0)?;
+                let state = SessionState::from_stored(
+                    r.try_get(3)?,
+                    &r.try_get::<String, _>(4)?,
+                    r.try_get(5)?,
+                    &r.try_get::<String, _>(6)?,
+                )
+                .ok_or_else(|| {
+                    sqlx::Error::Decode(format!("malformed session_state row for session {session_id}").into())
+                })?;
+                Ok(SessionGaps {
+                    service: r.try_get(1)?,
+                    instance: r.try_get(2)?,
+                    missing: state.missing(),
+                    session_id,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     /// Rolled-up usage per minute, oldest first.
     pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
         let rows = sqlx::query(
@@ -282,9 +368,75 @@ impl Store {
     }
 }
 
+/// The stored dedupe state of `sessions` (those never seen are absent).
+async fn load_sessions<'a>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    sessions: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<&'a str, SessionState>, StoreError> {
+    let wanted: std::collections::BTreeSet<&str> = sessions.collect();
+    let wanted: Vec<&str> = wanted.into_iter().collect();
+    let mut states = HashMap::with_capacity(wanted.len());
+    for chunk in wanted.chunks(SESSIONS_PER_QUERY) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT session_id, next_seq, above, hole_since, lost FROM session_state WHERE session_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for session in chunk {
+            query = query.bind(*session);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let id: String = row.try_get(0)?;
+            let Some(&session) = chunk.iter().find(|s| **s == id) else {
+                continue;
+            };
+            let state = SessionState::from_stored(
+                row.try_get(1)?,
+                &row.try_get::<String, _>(2)?,
+                row.try_get(3)?,
+                &row.try_get::<String, _>(4)?,
+            )
+            .ok_or_else(|| sqlx::Error::Decode(format!("malformed session_state row for session {id}").into()))?;
+            states.insert(session, state);
+        }
+    }
+    Ok(states)
+}
+
+async fn save_session(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    session: &str,
+    service: &str,
+    instance: &str,
+    state: &SessionState,
+    now_micros: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO session_state (session_id, service, instance, next_seq, above, hole_since, lost, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (session_id) DO UPDATE SET
+           service = excluded.service, instance = excluded.instance, next_seq = excluded.next_seq,
+           above = excluded.above, hole_since = excluded.hole_since, lost = excluded.lost,
+           last_seen = excluded.last_seen",
+    )
+    .bind(session)
+    .bind(service)
+    .bind(instance)
+    .bind(i64::try_from(state.next_seq).unwrap_or(i64::MAX))
+    .bind(state.above_text())
+    .bind(state.hole_since_micros)
+    .bind(state.lost_text())
+    .bind(now_micros)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sessions::Missing;
     use tidemark_core::TenantUsage;
 
     fn batch(session: &str, seq: u64, tenant: &str, requests: u64) -> UsageBatch {
@@ -314,30 +466,26 @@ mod tests {
         }
     }
 
+    const CLOCK: CommitClock = CommitClock {
+        now_micros: 1_000_000,
+        gap_grace_micros: 60_000_000,
+    };
+
     #[tokio::test]
     async fn counts_each_session_seq_once_and_keeps_offsets() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite:{}", dir.path().join("b.db").display());
         let store = Store::open(&url).await.expect("open");
         let first = [batch("s1", 0, "acme", 3), batch("s1", 1, "acme", 4)];
-        let done = store.commit("t", &first, &[(0, 2)]).await.expect("commit");
-        assert_eq!(
-            done,
-            Committed {
-                batches: 2,
-                duplicates: 0
-            }
-        );
+        let done = store.commit("t", &first, &[(0, 2)], CLOCK).await.expect("commit");
+        assert_eq!((done.batches, done.duplicates), (2, 0));
         // A replay of seq 1 plus a new batch: only the new one counts.
         let second = [batch("s1", 1, "acme", 4), batch("s2", 0, "acme", 5)];
-        let done = store.commit("t", &second, &[(0, 4), (1, 7)]).await.expect("commit");
-        assert_eq!(
-            done,
-            Committed {
-                batches: 1,
-                duplicates: 1
-            }
-        );
+        let done = store
+            .commit("t", &second, &[(0, 4), (1, 7)], CLOCK)
+            .await
+            .expect("commit");
+        assert_eq!((done.batches, done.duplicates), (1, 1));
         drop(store);
 
         let store = Store::open(&url).await.expect("reopen runs no migration twice");
@@ -350,6 +498,61 @@ mod tests {
         assert!(store.usage(&all("globex")).await.expect("query").is_empty());
         let offsets = store.offsets("t").await.expect("offsets");
         assert_eq!(offsets, HashMap::from([(0, 4), (1, 7)]));
+    }
+
+    #[tokio::test]
+    async fn out_of_order_batches_count_once_and_holes_become_reported_gaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("b.db").display());
+        let store = Store::open(&url).await.expect("open");
+        // 0, then 3 and 4 before 1 (a failover); 2 never comes.
+        let batches = [0, 3, 4, 1, 3].map(|seq| batch("s1", seq, "acme", 1));
+        let done = store.commit("t", &batches, &[(0, 5)], CLOCK).await.expect("commit");
+        assert_eq!((done.batches, done.duplicates, done.declared_lost), (4, 1, 0));
+        let gaps = store.gaps().await.expect("gaps");
+        assert_eq!(gaps.len(), 1);
+        assert_eq!((gaps[0].session_id.as_str(), gaps[0].service.as_str()), ("s1", "svc"));
+        assert_eq!(
+            gaps[0].missing,
+            [Missing {
+                from_seq: 2,
+                to_seq: 2,
+                lost: false
+            }]
+        );
+
+        // Past the grace, the next commit touching the session declares it lost.
+        let later = CommitClock {
+            now_micros: CLOCK.now_micros + CLOCK.gap_grace_micros,
+            ..CLOCK
+        };
+        let done = store
+            .commit("t", &[batch("s1", 5, "acme", 1)], &[(0, 6)], later)
+            .await
+            .expect("commit");
+        assert_eq!((done.batches, done.declared_lost), (1, 1));
+        assert_eq!(
+            store.gaps().await.expect("gaps")[0].missing,
+            [Missing {
+                from_seq: 2,
+                to_seq: 2,
+                lost: true
+            }]
+        );
+
+        // It turns up after all: counted once, and the gap is gone.
+        let late = [batch("s1", 2, "acme", 1), batch("s1", 2, "acme", 1)];
+        let done = store.commit("t", &late, &[(0, 8)], later).await.expect("commit");
+        assert_eq!((done.batches, done.recovered, done.duplicates), (1, 1, 1));
+        assert!(store.gaps().await.expect("gaps").is_empty());
+        let total: i64 = store
+            .usage(&all("acme"))
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| r.quantity)
+            .sum();
+        assert_eq!(total, 6, "seqs 0 to 5, each once");
     }
 
     #[test]

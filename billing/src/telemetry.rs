@@ -8,6 +8,8 @@ pub struct Telemetry {
     pub records: Counter,
     pub batches_counted: Counter,
     pub batches_duplicate: Counter,
+    pub batches_recovered: Counter,
+    pub batches_lost: Counter,
     pub records_undecodable: Counter,
     pub commits: Counter,
     pub commit_errors: Counter,
@@ -27,6 +29,16 @@ impl Telemetry {
             "batches_duplicate",
             "Usage batches dropped because their (session, seq) was already counted",
             t.batches_duplicate.clone(),
+        );
+        r.register(
+            "batches_recovered",
+            "Usage batches declared lost that turned up later and were counted",
+            t.batches_recovered.clone(),
+        );
+        r.register(
+            "batches_lost",
+            "Usage batches declared lost: missing from a session past the grace period",
+            t.batches_lost.clone(),
         );
         r.register(
             "records_undecodable",

@@ -56,7 +56,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let collector = Collector::new(log.clone(), USAGE_TOPIC, &mut registry);
     let telemetry = Arc::new(Telemetry::register(&mut registry));
     let consumer = log.consumer(USAGE_TOPIC, DEFAULT_GROUP).await?;
-    let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry).await?;
+    let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace).await?;
 
     let ingest_listener = bind(args.ingest_listen, "ingest gRPC").await?;
     let api_listener = bind(args.billing.api_listen, "billing HTTP API").await?;

@@ -1,0 +1,100 @@
+//! Billing's ledger through the real collector (`tidemark dev`): batches
+//! replayed, duplicated and out of order count once; a missing batch is
+//! reported as a gap, open then lost.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use tidemark_e2e::{Proc, billed, get};
+use tidemark_proto::v1::ingest_client::IngestClient;
+use tidemark_proto::v1::report_reply::Result as Reply;
+use tidemark_proto::v1::{TenantUsage, UsageBatch};
+
+fn batch(session: &str, seq: u64, requests: u64) -> UsageBatch {
+    let start = 1_764_000_000_000_000 + seq as i64 * 1_000_000;
+    UsageBatch {
+        service: "shop".into(),
+        instance: "shop-1".into(),
+        session_id: session.into(),
+        seq,
+        window_start_unix_micros: start,
+        window_end_unix_micros: start + 1_000_000,
+        tenants: vec![TenantUsage {
+            tenant: "acme".into(),
+            requests,
+            ..TenantUsage::default()
+        }],
+        ..UsageBatch::default()
+    }
+}
+
+/// Sends `batches` on one stream and checks each is acked.
+async fn deliver(ingest: std::net::SocketAddr, batches: Vec<UsageBatch>) {
+    let count = batches.len();
+    let mut client = IngestClient::connect(format!("http://{ingest}")).await.unwrap();
+    let mut replies = client.report(tokio_stream::iter(batches)).await.unwrap().into_inner();
+    let mut acked = 0;
+    while let Some(reply) = replies.message().await.unwrap() {
+        assert!(matches!(reply.result, Some(Reply::Ack(_))), "{reply:?}");
+        acked += 1;
+    }
+    assert_eq!(acked, count);
+}
+
+async fn gaps(api: std::net::SocketAddr) -> serde_json::Value {
+    let (status, body) = get(&format!("http://{api}/v1/gaps"), &[]).await;
+    assert!(status.is_success(), "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicates_count_once_and_missing_batches_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Proc::start(
+        "tidemark",
+        &[
+            "dev",
+            &format!("--data-dir={}", dir.path().display()),
+            "--ingest-listen=127.0.0.1:0",
+            "--api-listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--commit-interval=100ms",
+            "--gap-grace=2s",
+        ],
+    );
+    let ingest = dev.address("ingest gRPC");
+    let api = dev.address("billing HTTP API");
+
+    // Session A: 0, 2, 2 again, then the late 1, then 0 replayed. All there, once.
+    // Session B: 0 and 2; 1 never comes.
+    deliver(ingest, vec![batch("a", 0, 1), batch("a", 2, 100), batch("b", 0, 1000), batch("b", 2, 4000)]).await;
+    deliver(ingest, vec![batch("a", 2, 100), batch("a", 1, 10), batch("a", 0, 1)]).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while billed(api, "acme", "requests").await != 5111 {
+        assert!(tokio::time::Instant::now() < deadline, "never reached 5111");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open = gaps(api).await;
+    assert_eq!(open["sessions"].as_array().unwrap().len(), 1, "{open}");
+    assert_eq!(open["sessions"][0]["session"], "b");
+    assert_eq!(open["sessions"][0]["missing"], serde_json::json!([{"from_seq": 1, "to_seq": 1, "state": "open"}]));
+
+    // Past the grace, B's next batch finds the hole old: declared lost.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    deliver(ingest, vec![batch("b", 3, 10000)]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = gaps(api).await;
+        if now["sessions"][0]["missing"][0]["state"] == "lost" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never declared lost: {now}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(billed(api, "acme", "requests").await, 15111);
+    let (_, metrics) = get(&format!("http://{}/metrics", dev.address("metrics, healthz, readyz")), &[]).await;
+    assert!(metrics.contains("tidemark_billing_batches_lost_total 1\n"), "{metrics}");
+    assert!(metrics.contains("tidemark_billing_batches_duplicate_total 2\n"), "{metrics}");
+}

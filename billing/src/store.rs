@@ -127,9 +127,16 @@ pub struct UsageQuery {
     pub meter: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    backend: Backend,
 }
 
 /// Hides the password of a database URL.
@@ -180,7 +187,8 @@ impl Store {
                 url: redact(&url),
                 reason: e.to_string(),
             })?;
-        let store = Store { pool };
+        let backend = if is_sqlite { Backend::Sqlite } else { Backend::Postgres };
+        let store = Store { pool, backend };
         store.migrate().await?;
         Ok(store)
     }
@@ -236,8 +244,18 @@ impl Store {
         next_offsets: &[(i32, i64)],
         clock: CommitClock,
     ) -> Result<Committed, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut states = load_sessions(&mut tx, batches.iter().map(|b| b.session_id.as_str())).await?;
+        // Several workers may commit at once (during a rebalance, two may
+        // hold batches of one session): SQLite takes its write lock up
+        // front, Postgres locks the sessions' rows while reading them.
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        let sessions = || batches.iter().map(|b| b.session_id.as_str());
+        if self.backend == Backend::Postgres {
+            insert_missing_sessions(&mut tx, sessions(), clock.now_micros).await?;
+        }
+        let mut states = load_sessions(&mut tx, sessions(), self.backend == Backend::Postgres).await?;
         let mut rollups: BTreeMap<(&str, &str, &'static str, i64), (i64, i64)> = BTreeMap::new();
         let mut committed = Committed::default();
         for batch in batches {
@@ -368,19 +386,57 @@ impl Store {
     }
 }
 
-/// The stored dedupe state of `sessions` (those never seen are absent).
+fn distinct<'a>(sessions: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let set: std::collections::BTreeSet<&str> = sessions.collect();
+    set.into_iter().collect()
+}
+
+fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Gives every session a row (empty state) unless it has one, so that
+/// [`load_sessions`] can lock it.
+async fn insert_missing_sessions<'a>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    sessions: impl Iterator<Item = &'a str>,
+    now_micros: i64,
+) -> Result<(), StoreError> {
+    for chunk in distinct(sessions).chunks(SESSIONS_PER_QUERY) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, '', '', 0, '', NULL, '', $1)", i + 2))
+            .collect();
+        let sql = format!(
+            "INSERT INTO session_state (session_id, service, instance, next_seq, above, hole_since, lost, last_seen)
+             VALUES {} ON CONFLICT (session_id) DO NOTHING",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_micros);
+        for session in chunk {
+            query = query.bind(*session);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// The stored dedupe state of `sessions` (those never seen are absent),
+/// with their rows locked until the transaction ends if `lock`.
 async fn load_sessions<'a>(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     sessions: impl Iterator<Item = &'a str>,
+    lock: bool,
 ) -> Result<HashMap<&'a str, SessionState>, StoreError> {
-    let wanted: std::collections::BTreeSet<&str> = sessions.collect();
-    let wanted: Vec<&str> = wanted.into_iter().collect();
+    let wanted = distinct(sessions);
     let mut states = HashMap::with_capacity(wanted.len());
     for chunk in wanted.chunks(SESSIONS_PER_QUERY) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
-            "SELECT session_id, next_seq, above, hole_since, lost FROM session_state WHERE session_id IN ({})",
-            placeholders.join(", ")
+            "SELECT session_id, next_seq, above, hole_since, lost FROM session_state WHERE session_id IN ({}){}",
+            placeholders(1, chunk.len()),
+            if lock { " FOR UPDATE" } else { "" }
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for session in chunk {

@@ -68,7 +68,16 @@ async fn duplicates_count_once_and_missing_batches_are_reported() {
 
     // Session A: 0, 2, 2 again, then the late 1, then 0 replayed. All there, once.
     // Session B: 0 and 2; 1 never comes.
-    deliver(ingest, vec![batch("a", 0, 1), batch("a", 2, 100), batch("b", 0, 1000), batch("b", 2, 4000)]).await;
+    deliver(
+        ingest,
+        vec![
+            batch("a", 0, 1),
+            batch("a", 2, 100),
+            batch("b", 0, 1000),
+            batch("b", 2, 4000),
+        ],
+    )
+    .await;
     deliver(ingest, vec![batch("a", 2, 100), batch("a", 1, 10), batch("a", 0, 1)]).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -79,7 +88,10 @@ async fn duplicates_count_once_and_missing_batches_are_reported() {
     let open = gaps(api).await;
     assert_eq!(open["sessions"].as_array().unwrap().len(), 1, "{open}");
     assert_eq!(open["sessions"][0]["session"], "b");
-    assert_eq!(open["sessions"][0]["missing"], serde_json::json!([{"from_seq": 1, "to_seq": 1, "state": "open"}]));
+    assert_eq!(
+        open["sessions"][0]["missing"],
+        serde_json::json!([{"from_seq": 1, "to_seq": 1, "state": "open"}])
+    );
 
     // Past the grace, B's next batch finds the hole old: declared lost.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -94,7 +106,14 @@ async fn duplicates_count_once_and_missing_batches_are_reported() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(billed(api, "acme", "requests").await, 15111);
-    let (_, metrics) = get(&format!("http://{}/metrics", dev.address("metrics, healthz, readyz")), &[]).await;
+    let (_, metrics) = get(
+        &format!("http://{}/metrics", dev.address("metrics, healthz, readyz")),
+        &[],
+    )
+    .await;
     assert!(metrics.contains("tidemark_billing_batches_lost_total 1\n"), "{metrics}");
-    assert!(metrics.contains("tidemark_billing_batches_duplicate_total 2\n"), "{metrics}");
+    assert!(
+        metrics.contains("tidemark_billing_batches_duplicate_total 2\n"),
+        "{metrics}"
+    );
 }

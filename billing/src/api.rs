@@ -1,23 +1,27 @@
 //! The billing HTTP API.
 //!
-//! `GET /v1/usage?tenant=T[&from=RFC3339][&to=RFC3339][&service=S][&meter=M]`
-//! returns the tenant's usage per minute in `[from, to)`, with totals per
-//! meter. A bad parameter gets `400` and `{"error": ..., "parameter": ...}`.
+//! - `GET /v1/usage?tenant=T[&from=RFC3339][&to=RFC3339][&service=S][&meter=M]
+//!   [&window=minute|hour|day|month][&group_by=service]`: the tenant's usage
+//!   per window in `[from, to)` with totals per meter, as JSON, or as CSV
+//!   with `Accept: text/csv`;
+//! - `GET /v1/gaps`: sessions with missing batches.
+//!
+//! A bad parameter gets `400` and `{"error": ..., "parameter": ...}`.
 
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use std::fmt::Write as _;
+
+use crate::query::{ParamError, UsageRequest, Window, fold_months, parse_usage_request};
+use crate::store::Store;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::json;
-use tidemark_core::ids::validate_name;
-use tidemark_core::meter::Meter;
-
-use crate::store::{Store, UsageQuery};
 
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(
@@ -55,14 +59,6 @@ impl ApiError {
             parameter: None,
         }
     }
-
-    fn bad(parameter: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            parameter: Some(parameter),
-        }
-    }
 }
 
 impl IntoResponse for ApiError {
@@ -80,14 +76,16 @@ struct UsageResponse {
     tenant: String,
     from: Option<String>,
     to: Option<String>,
+    window: &'static str,
     rows: Vec<UsageRowJson>,
     totals: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Serialize)]
 struct UsageRowJson {
-    minute: String,
-    service: String,
+    window_start: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
     meter: String,
     quantity: i64,
     batches: i64,
@@ -100,67 +98,61 @@ fn rfc3339(unix_micros: i64) -> String {
     )
 }
 
-fn parse_time(parameter: &'static str, text: &str) -> Result<i64, ApiError> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_micros())
-        .map_err(|e| {
-            ApiError::bad(
-                parameter,
-                format!("{text:?} is not an RFC 3339 time such as 2026-11-26T04:00:00Z ({e})"),
-            )
-        })
-}
-
-/// Turns query parameters into a [`UsageQuery`], refusing unknown ones.
-fn parse_usage_query(params: &[(String, String)]) -> Result<UsageQuery, ApiError> {
-    let mut q = UsageQuery {
-        from: 0,
-        to: i64::MAX,
-        ..UsageQuery::default()
-    };
-    let mut tenant = None;
-    for (key, value) in params {
-        match key.as_str() {
-            "tenant" => tenant = Some(value.clone()),
-            "from" => q.from = parse_time("from", value)?,
-            "to" => q.to = parse_time("to", value)?,
-            "service" => q.service = Some(value.clone()),
-            "meter" => {
-                if Meter::parse(value).is_none() {
-                    let known: Vec<_> = Meter::ALL.iter().map(|m| m.as_str()).collect();
-                    return Err(ApiError::bad(
-                        "meter",
-                        format!("unknown meter {value:?}; known: {}", known.join(", ")),
-                    ));
-                }
-                q.meter = Some(value.clone());
-            }
-            _ => {
-                return Err(ApiError {
-                    status: StatusCode::BAD_REQUEST,
-                    message: format!("unknown parameter {key:?}; known: tenant, from, to, service, meter"),
-                    parameter: None,
-                });
-            }
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: e.message,
+            parameter: e.parameter,
         }
     }
-    q.tenant = tenant.ok_or_else(|| ApiError::bad("tenant", "tenant is required"))?;
-    validate_name(&q.tenant).map_err(|e| ApiError::bad("tenant", format!("tenant {e}")))?;
-    if q.from >= q.to {
-        return Err(ApiError::bad("to", "to must be later than from"));
-    }
-    Ok(q)
+}
+
+fn wants_csv(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with("text/csv")))
 }
 
 async fn usage(
     State(store): State<Store>,
+    headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
-) -> Result<Json<UsageResponse>, ApiError> {
-    let q = parse_usage_query(&params)?;
-    let rows = store
+) -> Result<Response, ApiError> {
+    let UsageRequest { query: q, window } = parse_usage_request(&params)?;
+    let mut rows = store
         .usage(&q)
         .await
         .map_err(|e| ApiError::internal("usage query", &e))?;
+    if window == Window::Month {
+        rows = fold_months(rows);
+    }
+    let rows: Vec<UsageRowJson> = rows
+        .into_iter()
+        .map(|r| UsageRowJson {
+            window_start: rfc3339(r.window_start),
+            service: r.service,
+            meter: r.meter,
+            quantity: r.quantity,
+            batches: r.batches,
+        })
+        .collect();
+    if wants_csv(&headers) {
+        let mut csv = String::from("window_start,service,meter,quantity,batches\n");
+        for r in &rows {
+            // Every field is an RFC 3339 time, a validated name or a number:
+            // nothing to quote.
+            let service = r.service.as_deref().unwrap_or("");
+            let _ = writeln!(
+                csv,
+                "{},{service},{},{},{}",
+                r.window_start, r.meter, r.quantity, r.batches
+            );
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
+    }
     let mut totals = BTreeMap::new();
     for row in &rows {
         *totals.entry(row.meter.clone()).or_insert(0) += row.quantity;
@@ -169,18 +161,11 @@ async fn usage(
         from: (q.from != 0).then(|| rfc3339(q.from)),
         to: (q.to != i64::MAX).then(|| rfc3339(q.to)),
         tenant: q.tenant,
-        rows: rows
-            .into_iter()
-            .map(|r| UsageRowJson {
-                minute: rfc3339(r.minute),
-                service: r.service,
-                meter: r.meter,
-                quantity: r.quantity,
-                batches: r.batches,
-            })
-            .collect(),
+        window: window.as_str(),
+        rows,
         totals,
-    }))
+    })
+    .into_response())
 }
 
 /// `GET /v1/gaps`: every session with missing batches, still waited for
@@ -199,51 +184,4 @@ async fn gaps(State(store): State<Store>) -> Result<Json<serde_json::Value>, Api
         })
         .collect();
     Ok(Json(json!({ "sessions": sessions })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    #[test]
-    fn parses_a_full_query() {
-        let q = parse_usage_query(&params(&[
-            ("tenant", "acme"),
-            ("from", "2026-11-26T04:00:00Z"),
-            ("to", "2026-11-26T06:00:00+01:00"),
-            ("meter", "requests"),
-        ]))
-        .expect("valid");
-        assert_eq!(q.tenant, "acme");
-        assert_eq!(q.from, 1_795_665_600_000_000);
-        assert_eq!(q.to, 1_795_669_200_000_000, "06:00+01:00 is 05:00Z");
-    }
-
-    #[test]
-    fn names_the_bad_parameter() {
-        let cases = [
-            (vec![], Some("tenant")),
-            (vec![("tenant", "a b")], Some("tenant")),
-            (vec![("tenant", "a"), ("from", "yesterday")], Some("from")),
-            (vec![("tenant", "a"), ("meter", "tokens?")], Some("meter")),
-            (
-                vec![
-                    ("tenant", "a"),
-                    ("from", "2026-01-02T00:00:00Z"),
-                    ("to", "2026-01-01T00:00:00Z"),
-                ],
-                Some("to"),
-            ),
-            (vec![("tenant", "a"), ("colour", "red")], None),
-        ];
-        for (pairs, parameter) in cases {
-            let err = parse_usage_query(&params(&pairs)).expect_err("invalid");
-            assert_eq!(err.status, StatusCode::BAD_REQUEST);
-            assert_eq!(err.parameter, parameter, "{pairs:?}: {}", err.message);
-        }
-    }
 }

@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod ledger;
+pub mod pricing;
+pub mod query;
 pub mod sessions;
 pub mod store;
 pub mod telemetry;

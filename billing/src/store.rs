@@ -77,11 +77,13 @@ const MIGRATIONS: &[&[&str]] = &[
 /// One row of rolled-up usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
-    /// Start of the minute, microseconds since the Unix epoch.
-    pub minute: i64,
-    pub service: String,
+    /// Start of the window, microseconds since the Unix epoch.
+    pub window_start: i64,
+    /// The service, when grouped by service.
+    pub service: Option<String>,
     pub meter: String,
     pub quantity: i64,
+    /// Batch contributions behind the quantity.
     pub batches: i64,
 }
 
@@ -117,14 +119,33 @@ pub struct SessionGaps {
 /// Rows of session state read in one query.
 const SESSIONS_PER_QUERY: usize = 500;
 
-/// A usage query: one tenant, a half-open time range, optional filters.
-#[derive(Debug, Clone, Default)]
+/// A usage query: one tenant, a half-open time range, optional filters,
+/// fixed-width windows, and whether to keep services apart.
+#[derive(Debug, Clone)]
 pub struct UsageQuery {
     pub tenant: String,
     pub from: i64,
     pub to: i64,
     pub service: Option<String>,
     pub meter: Option<String>,
+    /// Window width in microseconds, a whole number of minutes.
+    pub window_micros: i64,
+    pub by_service: bool,
+}
+
+impl UsageQuery {
+    /// All of `tenant`'s usage per minute and service.
+    pub fn all(tenant: &str) -> UsageQuery {
+        UsageQuery {
+            tenant: tenant.to_owned(),
+            from: 0,
+            to: i64::MAX,
+            service: None,
+            meter: None,
+            window_micros: tidemark_core::window::MICROS_PER_MINUTE,
+            by_service: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,26 +377,32 @@ impl Store {
             .map_err(StoreError::from)
     }
 
-    /// Rolled-up usage per minute, oldest first.
+    /// Rolled-up usage per window (and service, if asked), oldest first.
     pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT minute, service, meter, quantity, batches FROM usage_rollup
+        let service = if q.by_service { "service" } else { "''" };
+        let sql = format!(
+            "SELECT (minute / $6) * $6 AS window_start, {service} AS service, meter,
+                    CAST(SUM(quantity) AS BIGINT), CAST(SUM(batches) AS BIGINT)
+             FROM usage_rollup
              WHERE tenant = $1 AND minute >= $2 AND minute < $3
                AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)
-             ORDER BY minute, service, meter",
-        )
-        .bind(&q.tenant)
-        .bind(q.from)
-        .bind(q.to)
-        .bind(q.service.as_deref().unwrap_or(""))
-        .bind(q.meter.as_deref().unwrap_or(""))
-        .fetch_all(&self.pool)
-        .await?;
+             GROUP BY 1, 2, 3
+             ORDER BY 1, 2, 3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&q.tenant)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(q.service.as_deref().unwrap_or(""))
+            .bind(q.meter.as_deref().unwrap_or(""))
+            .bind(q.window_micros.max(1))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(UsageRow {
-                    minute: r.try_get(0)?,
-                    service: r.try_get(1)?,
+                    window_start: r.try_get(0)?,
+                    service: q.by_service.then(|| r.try_get(1)).transpose()?,
                     meter: r.try_get(2)?,
                     quantity: r.try_get(3)?,
                     batches: r.try_get(4)?,
@@ -514,11 +541,8 @@ mod tests {
 
     fn all(tenant: &str) -> UsageQuery {
         UsageQuery {
-            tenant: tenant.into(),
-            from: 0,
-            to: i64::MAX,
             meter: Some("requests".into()),
-            ..UsageQuery::default()
+            ..UsageQuery::all(tenant)
         }
     }
 
@@ -548,7 +572,7 @@ mod tests {
         let rows = store.usage(&all("acme")).await.expect("query");
         assert_eq!(rows.len(), 1);
         assert_eq!(
-            (rows[0].minute, rows[0].quantity, rows[0].batches),
+            (rows[0].window_start, rows[0].quantity, rows[0].batches),
             (120_000_000, 12, 3)
         );
         assert!(store.usage(&all("globex")).await.expect("query").is_empty());

@@ -117,3 +117,78 @@ async fn duplicates_count_once_and_missing_batches_are_reported() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_by_window_and_service_as_json_and_csv_and_bad_queries_get_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Proc::start(
+        "tidemark",
+        &[
+            "dev",
+            &format!("--data-dir={}", dir.path().display()),
+            "--ingest-listen=127.0.0.1:0",
+            "--api-listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--commit-interval=100ms",
+        ],
+    );
+    let ingest = dev.address("ingest gRPC");
+    let api = dev.address("billing HTTP API");
+    // Two services, batches an hour apart (seq s starts at s seconds; 3600 s = 1 h).
+    let mut other = batch("c", 0, 7);
+    other.service = "cart".into();
+    let mut late = batch("a", 3600, 30);
+    late.session_id = "d".into();
+    late.seq = 0;
+    deliver(ingest, vec![batch("a", 0, 1), batch("a", 1, 2), other, late]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while billed(api, "acme", "requests").await != 40 {
+        assert!(tokio::time::Instant::now() < deadline, "never reached 40");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let url = format!("http://{api}/v1/usage?tenant=acme&meter=requests&window=hour&group_by=service");
+    let (_, body) = get(&url, &[]).await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows: Vec<(String, String, i64)> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["window_start"].as_str().unwrap().to_owned(),
+                r["service"].as_str().unwrap().to_owned(),
+                r["quantity"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("2025-11-24T16:00:00Z".to_owned(), "cart".to_owned(), 7),
+            ("2025-11-24T16:00:00Z".to_owned(), "shop".to_owned(), 3),
+            ("2025-11-24T17:00:00Z".to_owned(), "shop".to_owned(), 30),
+        ],
+        "{json}"
+    );
+    assert_eq!(json["window"], "hour");
+
+    let url = format!("http://{api}/v1/usage?tenant=acme&meter=requests&window=month");
+    let (_, csv) = get(&url, &[("accept", "text/csv")]).await;
+    assert_eq!(
+        csv,
+        "window_start,service,meter,quantity,batches\n2025-11-01T00:00:00Z,,requests,40,4\n"
+    );
+
+    for (query, parameter) in [
+        ("window=week", "window"),
+        ("from=soon", "from"),
+        ("group_by=tenant", "group_by"),
+    ] {
+        let (status, body) = get(&format!("http://{api}/v1/usage?tenant=acme&{query}"), &[]).await;
+        assert_eq!(status.as_u16(), 400, "{query}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["parameter"], parameter, "{json}");
+        assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+}

@@ -61,11 +61,8 @@ async fn race(stores: Vec<Store>) {
     let want: i64 = (0..BATCHES).map(|s| 1i64 << (s % 20)).sum();
     let rows = stores[0]
         .usage(&UsageQuery {
-            tenant: "acme".into(),
-            from: 0,
-            to: i64::MAX,
             meter: Some("requests".into()),
-            service: None,
+            ..UsageQuery::all("acme")
         })
         .await
         .unwrap();

@@ -123,10 +123,7 @@ pub fn parse_non_negative(text: &str) -> Result<Decimal, String> {
         ));
     }
     if fraction.is_some_and(|f| f.len() > Decimal::MAX_SCALE as usize) {
-        return Err(format!(
-            "{text:?} has more than {} decimal places",
-            Decimal::MAX_SCALE
-        ));
+        return Err(format!("{text:?} has more than {} decimal places", Decimal::MAX_SCALE));
     }
     Decimal::from_str_exact(text).map_err(|_| format!("{text:?} has more digits than a decimal can hold exactly (28)"))
 }
@@ -197,7 +194,10 @@ mod tests {
     fn minimum_scale_pads_without_changing_the_value() {
         assert_eq!(with_min_scale(d("0.4"), 2).map(|x| x.to_string()), Some("0.40".into()));
         assert_eq!(with_min_scale(d("18"), 2).map(|x| x.to_string()), Some("18.00".into()));
-        assert_eq!(with_min_scale(d("1.234"), 2).map(|x| x.to_string()), Some("1.234".into()));
+        assert_eq!(
+            with_min_scale(d("1.234"), 2).map(|x| x.to_string()),
+            Some("1.234".into())
+        );
     }
 
     #[test]

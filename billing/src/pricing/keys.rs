@@ -43,7 +43,8 @@ impl fmt::Display for KeyPath {
                     if i > 0 {
                         f.write_str(".")?;
                     }
-                    let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    let bare =
+                        !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
                     if bare { f.write_str(key)? } else { write!(f, "{key:?}")? }
                 }
             }
@@ -95,10 +96,6 @@ impl<'a, 'i> Table<'a, 'i> {
             line: None,
             entries: root,
         }
-    }
-
-    pub fn path(&self) -> &KeyPath {
-        &self.path
     }
 
     /// A problem with a key this table lacks.
@@ -155,15 +152,12 @@ impl<'a, 'i> Table<'a, 'i> {
 
     /// The value of a key the table must have; `what` says what it is for.
     pub fn required(&self, key: &str, what: &str) -> Result<Value<'a, 'i>, Problem> {
-        self.get(key).ok_or_else(|| self.missing(key, format!("missing; {what}")))
+        self.get(key)
+            .ok_or_else(|| self.missing(key, format!("missing; {what}")))
     }
 }
 
 impl<'a, 'i> Value<'a, 'i> {
-    pub fn path(&self) -> &KeyPath {
-        &self.path
-    }
-
     pub fn problem(&self, reason: impl Into<String>) -> Problem {
         Problem {
             key: self.path.clone(),
@@ -174,18 +168,18 @@ impl<'a, 'i> Value<'a, 'i> {
 
     fn kind(&self) -> &'static str {
         match self.value {
-            DeValue::String(_) => "string",
-            DeValue::Integer(_) => "integer",
-            DeValue::Float(_) => "float",
-            DeValue::Boolean(_) => "boolean",
-            DeValue::Datetime(_) => "datetime",
-            DeValue::Array(_) => "array",
-            DeValue::Table(_) => "table",
+            DeValue::String(_) => "a string",
+            DeValue::Integer(_) => "an integer",
+            DeValue::Float(_) => "a float",
+            DeValue::Boolean(_) => "a boolean",
+            DeValue::Datetime(_) => "a datetime",
+            DeValue::Array(_) => "an array",
+            DeValue::Table(_) => "a table",
         }
     }
 
     fn wrong_type(&self, expected: &str) -> Problem {
-        self.problem(format!("expected {expected}, found a {}", self.kind()))
+        self.problem(format!("expected {expected}, found {}", self.kind()))
     }
 
     pub fn string(&self) -> Result<&'a str, Problem> {
@@ -268,7 +262,12 @@ mod tests {
 
     #[test]
     fn key_paths_read_like_toml() {
-        let path = KeyPath::default().key("meters").key("requests").key("tiers").index(1).key("up_to");
+        let path = KeyPath::default()
+            .key("meters")
+            .key("requests")
+            .key("tiers")
+            .index(1)
+            .key("up_to");
         assert_eq!(path.to_string(), "meters.requests.tiers[1].up_to");
         let odd = KeyPath::default().key("meters").key("gpu.seconds").key("price");
         assert_eq!(odd.to_string(), "meters.\"gpu.seconds\".price");

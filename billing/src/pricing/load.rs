@@ -149,8 +149,18 @@ fn keys_of(model: ModelKind) -> &'static [&'static str] {
     match model {
         ModelKind::Flat => &["description", "model", "price"],
         ModelKind::Unit => &["description", "model", "source", "scale", "free", "unit", "price"],
-        ModelKind::Graduated | ModelKind::Volume => &["description", "model", "source", "scale", "free", "unit", "tiers"],
-        ModelKind::Package => &["description", "model", "source", "scale", "free", "price", "package_size"],
+        ModelKind::Graduated | ModelKind::Volume => {
+            &["description", "model", "source", "scale", "free", "unit", "tiers"]
+        }
+        ModelKind::Package => &[
+            "description",
+            "model",
+            "source",
+            "scale",
+            "free",
+            "price",
+            "package_size",
+        ],
     }
 }
 
@@ -291,7 +301,11 @@ fn charge(name: &str, value: &Value<'_, '_>) -> Result<Charge, Problem> {
                 None => name.to_owned(),
             };
             let scale = positive(&table, "scale", "a multiplier")?.unwrap_or(Decimal::ONE);
-            let free = table.get("free").map(|v| v.decimal()).transpose()?.unwrap_or(Decimal::ZERO);
+            let free = table
+                .get("free")
+                .map(|v| v.decimal())
+                .transpose()?
+                .unwrap_or(Decimal::ZERO);
             let unit = match table.get("unit") {
                 None => Decimal::ONE,
                 Some(value) => {
@@ -391,8 +405,393 @@ fn tiers(charge: &Table<'_, '_>) -> Result<Vec<Tier>, Problem> {
             Some(bound)
         };
         let price = table.required("price", "the price per unit in this tier")?.decimal()?;
-        let flat = table.get("flat").map(|v| v.decimal()).transpose()?.unwrap_or(Decimal::ZERO);
+        let flat = table
+            .get("flat")
+            .map(|v| v.decimal())
+            .transpose()?
+            .unwrap_or(Decimal::ZERO);
         tiers.push(Tier { up_to, price, flat });
     }
     Ok(tiers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "plans/bad.toml";
+
+    const HEAD: &str = r#"name = "test"
+version = 1
+currency = "USD"
+rounding = { step = "0.01", rule = "half_up" }
+"#;
+
+    fn load(text: &str) -> Result<Plan, PlanError> {
+        Plan::from_toml(Path::new(FILE), text)
+    }
+
+    /// Loads `HEAD` + `rest`, which must fail on `key` for a reason
+    /// containing `reason`; returns the whole message.
+    fn refused(rest: &str, key: &str, reason: &str) -> String {
+        refused_whole(&format!("{HEAD}{rest}"), key, reason)
+    }
+
+    fn refused_whole(text: &str, key: &str, reason: &str) -> String {
+        let err = load(text).expect_err("the plan should be refused");
+        let message = err.to_string();
+        match &err {
+            PlanError::Key {
+                key: got, reason: why, ..
+            } => {
+                assert_eq!(got, key, "{message}");
+                assert!(why.contains(reason), "reason {why:?} lacks {reason:?}");
+            }
+            other => panic!("expected a key error, got {other:?}"),
+        }
+        assert!(
+            message.starts_with(&format!("price plan {FILE}: key `{key}`")),
+            "{message}"
+        );
+        message
+    }
+
+    const REQUESTS: &str = "[meters.requests]\nmodel = \"unit\"\nprice = \"0.20\"\n";
+
+    #[test]
+    fn a_minimal_plan_loads() {
+        let plan = load(&format!("{HEAD}{REQUESTS}")).unwrap();
+        assert_eq!(plan.name, "test");
+        assert_eq!(plan.version, 1);
+        assert_eq!(plan.minimum, None);
+        let [charge] = plan.charges.as_slice() else {
+            panic!("one charge")
+        };
+        let Pricing::Metered(metered) = &charge.pricing else {
+            panic!("metered")
+        };
+        assert_eq!(metered.source, "requests");
+        assert_eq!(metered.scale, Decimal::ONE);
+        assert_eq!(metered.free, Decimal::ZERO);
+        assert_eq!(
+            metered.model,
+            Model::Unit {
+                price: Decimal::new(20, 2),
+                unit: Decimal::ONE
+            }
+        );
+    }
+
+    #[test]
+    fn charges_keep_the_files_order_and_arrays_of_tables_work() {
+        let plan = load(&format!(
+            "{HEAD}[meters.zeta]\nmodel = \"flat\"\nprice = \"1\"\n\
+             [meters.alpha]\nmodel = \"graduated\"\n\
+             [[meters.alpha.tiers]]\nup_to = 10\nprice = \"0\"\n\
+             [[meters.alpha.tiers]]\nup_to = \"inf\"\nprice = \"0.5\"\nflat = \"2\"\n"
+        ))
+        .unwrap();
+        let names: Vec<&str> = plan.charges.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["zeta", "alpha"]);
+        let Pricing::Metered(Metered {
+            model: Model::Graduated { tiers, .. },
+            ..
+        }) = &plan.charges[1].pricing
+        else {
+            panic!("graduated")
+        };
+        assert_eq!(tiers.len(), 2);
+        assert_eq!(tiers[0].up_to, Some(Decimal::TEN));
+        assert_eq!(tiers[1].up_to, None);
+        assert_eq!(tiers[1].flat, Decimal::TWO);
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_file_and_line() {
+        let err = load("name = \"x\"\nversion = \n").unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, PlanError::Syntax { line: Some(2), .. }), "{message}");
+        assert!(
+            message.starts_with("price plan plans/bad.toml (line 2): not valid TOML"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn unreadable_files_are_named() {
+        let err = Plan::load(Path::new("/nonexistent/plan.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("price plan /nonexistent/plan.toml: cannot read it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path_and_line() {
+        let message = refused(&format!("colour = \"blue\"\n{REQUESTS}"), "colour", "unknown key");
+        assert!(message.contains("(line 5)"), "{message}");
+        assert!(message.contains("known keys are: name, version"), "{message}");
+
+        let message = refused(
+            "[meters.requests]\nmodel = \"unit\"\npirce = \"0.20\"\n",
+            "meters.requests.pirce",
+            "unknown key \"pirce\" in `meters.requests`",
+        );
+        assert!(message.contains("(line 7)") && message.contains("price"), "{message}");
+
+        refused(
+            "[meters.requests]\nmodel = \"graduated\"\ntiers = [\n  { up_to = 10, price = \"1\" },\n  { upto = \"inf\", price = \"0.5\" },\n]\n",
+            "meters.requests.tiers[1].upto",
+            "unknown key",
+        );
+        refused(&format!("rounding2 = 1\n{REQUESTS}"), "rounding2", "unknown key");
+        refused_whole(
+            &format!(
+                "{}{REQUESTS}",
+                HEAD.replace("rule = \"half_up\"", "rule = \"half_up\", mode = 1")
+            ),
+            "rounding.mode",
+            "unknown key",
+        );
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        refused_whole(&HEAD.replace("name = \"test\"\n", ""), "name", "missing");
+        refused_whole(&HEAD.replace("version = 1\n", ""), "version", "missing");
+        refused_whole(&HEAD.replace("currency = \"USD\"\n", ""), "currency", "missing");
+        refused_whole(
+            &format!("name = \"t\"\nversion = 1\ncurrency = \"USD\"\n{REQUESTS}"),
+            "rounding",
+            "missing",
+        );
+        refused_whole(
+            &HEAD.replace("rule = \"half_up\"", "").replace(", }", " }"),
+            "rounding.rule",
+            "missing",
+        );
+        refused("", "meters", "missing");
+        refused("[meters.requests]\nprice = \"1\"\n", "meters.requests.model", "missing");
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\n",
+            "meters.requests.price",
+            "missing",
+        );
+        refused(
+            "[meters.x]\nmodel = \"package\"\nprice = \"1\"\n",
+            "meters.x.package_size",
+            "missing",
+        );
+        refused("[meters.x]\nmodel = \"volume\"\n", "meters.x.tiers", "missing");
+        refused(
+            "[meters.x]\nmodel = \"volume\"\ntiers = [{ price = \"1\" }]\n",
+            "meters.x.tiers[0].up_to",
+            "missing",
+        );
+        refused(
+            "[meters.x]\nmodel = \"volume\"\ntiers = [{ up_to = \"inf\" }]\n",
+            "meters.x.tiers[0].price",
+            "missing",
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason() {
+        refused_whole(&HEAD.replace("\"test\"", "\"a b\""), "name", "plan name contains ' '");
+        refused_whole(
+            &HEAD.replace("\"test\"", "5"),
+            "name",
+            "expected a string, found an integer",
+        );
+        refused_whole(&HEAD.replace("version = 1", "version = 0"), "version", "from 1");
+        refused_whole(
+            &HEAD.replace("version = 1", "version = \"1\""),
+            "version",
+            "expected an integer",
+        );
+        refused_whole(&HEAD.replace("\"USD\"", "\"usd\""), "currency", "ISO 4217");
+        refused_whole(
+            &HEAD.replace("\"0.01\"", "\"0\""),
+            "rounding.step",
+            "cannot be a rounding step",
+        );
+        refused_whole(
+            &HEAD.replace("\"0.01\"", "\"0.03\""),
+            "rounding.step",
+            "cannot be a rounding step",
+        );
+        refused_whole(
+            &HEAD.replace("\"half_up\"", "\"nearest\""),
+            "rounding.rule",
+            "not one of half_up",
+        );
+        refused(
+            &format!("minimum = \"0.005\"\n{REQUESTS}"),
+            "minimum",
+            "whole number of rounding steps",
+        );
+        refused("meters = {}\n", "meters", "no charges");
+        refused(
+            "[meters.requests]\nmodel = \"tiered\"\n",
+            "meters.requests.model",
+            "not one of flat",
+        );
+    }
+
+    #[test]
+    fn numbers_must_be_exact_decimals() {
+        let message = refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = 0.2\n",
+            "meters.requests.price",
+            "TOML float",
+        );
+        assert!(message.contains("\"0.2\""), "{message}");
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"-0.2\"\n",
+            "meters.requests.price",
+            "not a decimal number >= 0",
+        );
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"0.2.0\"\n",
+            "meters.requests.price",
+            "not a decimal number >= 0",
+        );
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"1\"\nfree = -5\n",
+            "meters.requests.free",
+            "not a decimal number >= 0",
+        );
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"1\"\nfree = 0x10\n",
+            "meters.requests.free",
+            "in decimal",
+        );
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"1\"\nunit = 3\n",
+            "meters.requests.unit",
+            "cannot be a unit",
+        );
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"1\"\nscale = \"0\"\n",
+            "meters.requests.scale",
+            "must be > 0",
+        );
+        refused(
+            "[meters.x]\nmodel = \"package\"\nprice = \"1\"\npackage_size = 0\n",
+            "meters.x.package_size",
+            "must be > 0",
+        );
+    }
+
+    #[test]
+    fn names_of_charges_and_sources_follow_the_meter_rule() {
+        refused(
+            "[meters.Requests]\nmodel = \"unit\"\nprice = \"1\"\n",
+            "meters.Requests",
+            "cannot name a charge",
+        );
+        refused(
+            "[meters.gb_s]\nmodel = \"unit\"\nprice = \"1\"\nsource = \"Billed Duration\"\n",
+            "meters.gb_s.source",
+            "cannot name a usage meter",
+        );
+        // Dotted names are quoted in the path.
+        refused(
+            "[meters.\"gpu.seconds\"]\nmodel = \"unit\"\n",
+            "meters.\"gpu.seconds\".price",
+            "missing",
+        );
+    }
+
+    #[test]
+    fn keys_that_do_not_fit_the_model_are_refused() {
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"1\"\ntiers = []\n",
+            "meters.requests.tiers",
+            "does not apply to model \"unit\"",
+        );
+        refused(
+            "[meters.base]\nmodel = \"flat\"\nprice = \"1\"\nfree = 10\n",
+            "meters.base.free",
+            "does not apply to model \"flat\"",
+        );
+        refused(
+            "[meters.x]\nmodel = \"package\"\nprice = \"1\"\npackage_size = 10\nunit = 1000\n",
+            "meters.x.unit",
+            "does not apply to model \"package\"",
+        );
+        refused(
+            "[meters.x]\nmodel = \"graduated\"\nprice = \"1\"\n",
+            "meters.x.price",
+            "does not apply to model \"graduated\"",
+        );
+    }
+
+    #[test]
+    fn tiers_must_ascend_and_end_unbounded() {
+        let tiers = |list: &str| format!("[meters.requests]\nmodel = \"graduated\"\ntiers = [{list}]\n");
+        refused(&tiers(""), "meters.requests.tiers", "at least one tier");
+        refused(
+            &tiers(
+                "{ up_to = 100, price = \"1\" }, { up_to = 100, price = \"1\" }, { up_to = \"inf\", price = \"1\" }",
+            ),
+            "meters.requests.tiers[1].up_to",
+            "greater than the previous tier's up_to (100)",
+        );
+        refused(
+            &tiers("{ up_to = 100, price = \"1\" }, { up_to = 200, price = \"1\" }"),
+            "meters.requests.tiers[1].up_to",
+            "the last tier must have up_to = \"inf\"",
+        );
+        refused(
+            &tiers("{ up_to = \"inf\", price = \"1\" }, { up_to = \"inf\", price = \"1\" }"),
+            "meters.requests.tiers[0].up_to",
+            "only the last tier",
+        );
+        refused(
+            &tiers("{ up_to = 0, price = \"1\" }, { up_to = \"inf\", price = \"1\" }"),
+            "meters.requests.tiers[0].up_to",
+            "must be > 0",
+        );
+        refused(&tiers("5"), "meters.requests.tiers[0]", "expected a table");
+    }
+
+    #[test]
+    fn directories_load_in_name_order_and_refuse_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.toml"),
+            format!("{HEAD}{REQUESTS}").replace("\"test\"", "\"b\""),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("a.toml"),
+            format!("{HEAD}{REQUESTS}").replace("\"test\"", "\"a\""),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a plan").unwrap();
+        let names: Vec<String> = load_dir(dir.path()).unwrap().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["a", "b"]);
+
+        std::fs::write(
+            dir.path().join("c.toml"),
+            format!("{HEAD}{REQUESTS}").replace("\"test\"", "\"a\""),
+        )
+        .unwrap();
+        let message = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(message.contains("c.toml: key `name`"), "{message}");
+        assert!(
+            message.contains("also defined in") && message.contains("a.toml"),
+            "{message}"
+        );
+
+        std::fs::write(dir.path().join("d.toml"), "name = ").unwrap();
+        std::fs::remove_file(dir.path().join("c.toml")).unwrap();
+        let message = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            message.contains("d.toml") && message.contains("not valid TOML"),
+            "{message}"
+        );
+    }
 }

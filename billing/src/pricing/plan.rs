@@ -1,5 +1,5 @@
-//! A price plan, as loaded and validated from its TOML file (see
-//! [`super::load`]). Every value here has passed validation: prices are
+//! A price plan, as loaded and validated from its TOML file by
+//! `Plan::load`. Every value here has passed validation: prices are
 //! exact decimals ≥ 0, tiers ascend and end with an unbounded one, and so on.
 
 use rust_decimal::Decimal;

@@ -7,7 +7,7 @@
 //! group), the consumer seeks back once. The log's own group offset is
 //! committed after the store's, so it never runs ahead of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,9 @@ pub struct Ledger {
     /// Partitions already rewound to the store's offset.
     rewound: HashSet<i32>,
     uncommitted: Vec<UsageBatch>,
-    dirty: bool,
+    /// Partitions read since the last commit: only their offsets are
+    /// written, so a worker never writes over another's progress.
+    read_since_commit: BTreeSet<i32>,
     gap_grace: Duration,
 }
 
@@ -68,7 +70,7 @@ impl Ledger {
             next,
             rewound: HashSet::new(),
             uncommitted: Vec::new(),
-            dirty: false,
+            read_since_commit: BTreeSet::new(),
             gap_grace,
         })
     }
@@ -111,7 +113,7 @@ impl Ledger {
             return Ok(());
         }
         self.next.insert(record.partition, record.offset + 1);
-        self.dirty = true;
+        self.read_since_commit.insert(record.partition);
         match decode_usage(&record.payload) {
             Ok(batch) => self.uncommitted.push(batch),
             Err(e) => {
@@ -123,10 +125,14 @@ impl Ledger {
     }
 
     async fn commit(&mut self) -> Result<(), LedgerError> {
-        if !self.dirty {
+        if self.read_since_commit.is_empty() {
             return Ok(());
         }
-        let offsets: Vec<(i32, i64)> = self.next.iter().map(|(p, o)| (*p, *o)).collect();
+        let offsets: Vec<(i32, i64)> = self
+            .read_since_commit
+            .iter()
+            .filter_map(|p| self.next.get(p).map(|o| (*p, *o)))
+            .collect();
         let clock = CommitClock {
             now_micros: now_micros(),
             gap_grace_micros: i64::try_from(self.gap_grace.as_micros()).unwrap_or(i64::MAX),
@@ -150,7 +156,7 @@ impl Ledger {
             );
         }
         self.uncommitted.clear();
-        self.dirty = false;
+        self.read_since_commit.clear();
         if let Err(e) = self.consumer.commit(&offsets).await {
             // Harmless: the store's offsets are the ones that count.
             tracing::warn!(error = %e, "cannot commit offsets to the log");

@@ -17,7 +17,8 @@ from pathlib import Path
 
 DIRECT = "direct"
 SIDECAR = "sidecar"
-MEASURED_RATE = 1000  # the rate at which the brief asks for the sidecar's cost
+MEASURED_RATE = 1000  # the rate of the headline numbers
+DISTURBED = 0.2  # cores busy with other work that make a run suspect
 
 
 def load(path):
@@ -76,6 +77,21 @@ def report(results):
     w((results / "facts.md").read_text().rstrip())
     w("")
 
+    disturbed = [
+        f"{label} at {rate_name(rate)}"
+        for name, label in targets
+        for rate in rates_of(results, name)
+        if costs.get((name, rate), {}).get("other_cores", 0) >= DISTURBED
+    ]
+    if disturbed:
+        w(
+            f"**Disturbed:** other work kept {DISTURBED} cores or more busy during "
+            f"{len(disturbed)} of {len(runs)} runs ({'; '.join(disturbed)}; see `other CPU`). "
+            "Their numbers, tails first, include that interference; run again on a quiet "
+            "machine to compare closely."
+        )
+        w("")
+
     headline = sidecar_headline(runs, costs)
     if headline:
         w("## In short")
@@ -90,14 +106,15 @@ def report(results):
         "its latency runs from that scheduled time to the end of the response body "
         "(coordinated-omission corrected). Microseconds. `+p50`, `+p99`, `+p99.9`: "
         "what the proxy adds over the direct run at the same rate. `lag p99`: how "
-        "late the generator itself started requests (included in every latency)."
+        "late the generator itself started requests (included in every latency). "
+        "`other CPU`: cores kept busy by work other than the benchmark during the run."
     )
     w("")
     w(
         "| target | rate | achieved | p50 | p99 | p99.9 | max | +p50 | +p99 | +p99.9 "
-        "| errors | unfinished | lag p99 |"
+        "| errors | unfinished | lag p99 | other CPU |"
     )
-    w("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    w("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for rate in constant_rates:
         base = runs.get((DIRECT, rate))
         for name, label in targets:
@@ -114,7 +131,7 @@ def report(results):
                 f"| {label} | {fmt(rate)} | {fmt(s['achieved_rps'])} "
                 f"| {fmt(s['p50_us'])} | {fmt(s['p99_us'])} | {fmt(s['p999_us'])} "
                 f"| {fmt(s['max_us'])} | {' | '.join(added)} | {s['errors']} "
-                f"| {s['unfinished']} | {fmt(s['lag_p99_us'])} |"
+                f"| {s['unfinished']} | {fmt(s['lag_p99_us'])} | {other(costs, name, rate)} |"
             )
     w("")
 
@@ -127,8 +144,8 @@ def report(results):
         "Latency from the send, in microseconds."
     )
     w("")
-    w("| target | req/s | of direct | p50 | p99 | p99.9 | errors |")
-    w("|---|--:|--:|--:|--:|--:|--:|")
+    w("| target | req/s | of direct | p50 | p99 | p99.9 | errors | other CPU |")
+    w("|---|--:|--:|--:|--:|--:|--:|--:|")
     base = runs.get((DIRECT, 0))
     for name, label in targets:
         s = runs.get((name, 0))
@@ -141,7 +158,7 @@ def report(results):
         )
         w(
             f"| {label} | {fmt(s['achieved_rps'])} | {share} | {fmt(s['p50_us'])} "
-            f"| {fmt(s['p99_us'])} | {fmt(s['p999_us'])} | {s['errors']} |"
+            f"| {fmt(s['p99_us'])} | {fmt(s['p999_us'])} | {s['errors']} | {other(costs, name, 0)} |"
         )
     w("")
 
@@ -152,12 +169,15 @@ def report(results):
         "the whole run, warmup included; for a proxy that is the proxy alone, for "
         "`direct` the app. `cores per 1k req/s`: CPU seconds per second, scaled to "
         "1000 req/s. `µs CPU per request`: CPU time over the responses served. "
-        "Resident memory (`VmRSS`, peak `VmHWM`) at the end of the run, summed over "
-        "the target's processes (nginx: master and workers)."
+        "Resident memory (`VmRSS`) before and after the run and its peak (`VmHWM`), "
+        "summed over the target's processes (nginx: master and workers)."
     )
     w("")
-    w("| target | rate | cores per 1k req/s | µs CPU per request | RSS MiB | peak RSS MiB |")
-    w("|---|--:|--:|--:|--:|--:|")
+    w(
+        "| target | rate | cores per 1k req/s | µs CPU per request "
+        "| RSS MiB before | RSS MiB after | peak RSS MiB |"
+    )
+    w("|---|--:|--:|--:|--:|--:|--:|")
     for rate in constant_rates:
         for name, label in targets:
             c = costs.get((name, rate))
@@ -166,7 +186,8 @@ def report(results):
                 continue
             w(
                 f"| {label} | {fmt(rate)} | {cores_per_1k(c, rate):.3f} "
-                f"| {cpu_per_request_us(c, s):.1f} | {c['rss_kib'] / 1024:.1f} "
+                f"| {cpu_per_request_us(c, s):.1f} | {c['rss_before_kib'] / 1024:.1f} "
+                f"| {c['rss_kib'] / 1024:.1f} "
                 f"| {c['hwm_kib'] / 1024:.1f} |"
             )
     w("")
@@ -178,18 +199,41 @@ def report(results):
         w(check)
         w("")
 
-    w("## Which nginx and HAProxy rows to compare with")
+    w("## Which rows to compare")
     w("")
-    w(
-        "The sidecar runs a multi-threaded tokio runtime with one worker thread per "
-        "core and no setting to limit it, so the like-for-like rows are nginx with "
-        "`worker_processes auto` and HAProxy without `nbthread` (both one per core): "
-        "each proxy may use every core. The single-worker rows show what one core of "
-        "each gives; on a machine this small, where the load generator and the app "
-        "share the same cores, one worker often has the lower latency at moderate "
-        "rates (no cross-core hand-offs), so both are shown."
-    )
+    if any(name == SIDECAR + "-1" for name, _ in targets):
+        w(
+            "Like with like: the sidecar by default runs one worker thread per core, as "
+            "nginx does with `worker_processes auto` and HAProxy without `nbthread`; "
+            "with `--worker-threads 1` it stays on one thread, as nginx with "
+            "`worker_processes 1` and HAProxy with `nbthread 1`. Compare per-core rows "
+            "with per-core rows and single-thread rows with single-thread rows. On a "
+            "machine this small, where the load generator and the app share the cores, "
+            "one thread often has the lower latency at moderate rates (no cross-core "
+            "hand-offs) and the per-core setting the higher saturation throughput."
+        )
+    else:
+        w(
+            "The sidecar runs a multi-threaded tokio runtime with one worker thread per "
+            "core and no setting to limit it, so the like-for-like rows are nginx with "
+            "`worker_processes auto` and HAProxy without `nbthread` (both one per core): "
+            "each proxy may use every core. The single-worker rows show what one core of "
+            "each gives; on a machine this small, where the load generator and the app "
+            "share the same cores, one worker often has the lower latency at moderate "
+            "rates (no cross-core hand-offs), so both are shown."
+        )
     return "\n".join(out) + "\n"
+
+
+def rate_name(rate):
+    return "saturation" if rate == 0 else f"{rate:,} req/s"
+
+
+def other(costs, name, rate):
+    c = costs.get((name, rate))
+    if c is None or "other_cores" not in c:
+        return "—"
+    return f"{c['other_cores']:.2f}"
 
 
 def cores_per_1k(cost, rate):
@@ -216,10 +260,17 @@ def sidecar_headline(runs, costs):
         f"{signed(s['p999_us'] - d['p999_us'])} µs at p99.9",
         f"uses {cores_per_1k(c, MEASURED_RATE):.3f} cores per 1k req/s "
         f"({cpu_per_request_us(c, s):.1f} µs CPU per request)",
-        f"and holds {c['rss_kib'] / 1024:.1f} MiB resident (peak {c['hwm_kib'] / 1024:.1f} MiB).",
+        f"and holds {c['rss_kib'] / 1024:.1f} MiB resident after the run "
+        f"({c['rss_before_kib'] / 1024:.1f} MiB before, peak {c['hwm_kib'] / 1024:.1f} MiB).",
     ]
     sat, sat_direct = runs.get((SIDECAR, 0)), runs.get((DIRECT, 0))
     text = ", ".join(parts)
+    busy = max(c.get("other_cores", 0), costs.get((DIRECT, MEASURED_RATE), {}).get("other_cores", 0))
+    if busy >= DISTURBED:
+        text += (
+            f" (Other work kept {busy:.2f} cores busy during these runs: the tail "
+            "numbers here are suspect.)"
+        )
     if sat and sat_direct and sat_direct["achieved_rps"]:
         text += (
             f" At saturation the setup moves {fmt(sat['achieved_rps'])} req/s through "
@@ -233,8 +284,10 @@ def metering_check(results, runs):
     if not billed_path.exists():
         return ""
     billed = load(billed_path).get("totals", {}).get("requests")
-    answered = sum(s["responses"] for (name, _), s in runs.items() if name == SIDECAR)
-    probe = 1  # the readiness request `run` sends through the sidecar
+    answered = sum(s["responses"] for (name, _), s in runs.items() if name.startswith(SIDECAR))
+    probes_path = results / "probes"
+    # One readiness request through each sidecar started.
+    probe = len(probes_path.read_text().split()) if probes_path.exists() else 0
     expected = answered + probe
     if billed is None:
         return "The billing API has no `requests` total for the tenant: nothing was metered."
@@ -243,7 +296,7 @@ def metering_check(results, runs):
         f"Billing (`tidemark dev`, fed by the sidecar during the run) counts "
         f"{billed:,} requests for the tenant; the sidecar answered {expected:,} "
         f"({answered:,} to the load generator, warmups included, and {probe} readiness "
-        f"probe): {verdict}."
+        f"request{'s' if probe != 1 else ''}): {verdict}."
     )
 
 

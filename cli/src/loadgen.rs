@@ -155,17 +155,15 @@ impl Window {
     }
 }
 
-async fn open_all(addr: SocketAddr, n: u32) -> Result<Vec<Connection>, ConnectError> {
+/// Opens `n` connections at once, before the clock starts.
+async fn open_all(addr: SocketAddr, n: u32) -> anyhow::Result<Vec<Connection>> {
     let mut opening = JoinSet::new();
     for _ in 0..n {
         opening.spawn(Connection::open(addr));
     }
     let mut connections = Vec::with_capacity(connections_len(n));
     while let Some(opened) = opening.join_next().await {
-        match opened {
-            Ok(connection) => connections.push(connection?),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        connections.push(opened.context("a connecting task failed")??);
     }
     Ok(connections)
 }

@@ -138,6 +138,12 @@ pub struct Config {
     #[arg(long, env = "TIDEMARK_MAX_PENDING_BATCHES", default_value_t = 100_000)]
     pub max_pending_batches: usize,
 
+    /// Threads serving requests (default: one per core). A sidecar shares
+    /// its machine with the app; 1 keeps it on one core, like an nginx
+    /// worker.
+    #[arg(long, env = "TIDEMARK_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// How long shutdown waits for the collector to acknowledge the last batches.
     #[arg(long, env = "TIDEMARK_DRAIN_TIMEOUT", value_parser = duration, default_value = "10s")]
     pub drain_timeout: Duration,

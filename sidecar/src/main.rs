@@ -2,12 +2,23 @@
 
 use anyhow::Context;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config: tidemark_sidecar::Config = tidemark_runtime::config::load_or_exit();
-    tidemark_runtime::init_logging();
-    let shutdown = tidemark_runtime::shutdown::on_signal();
-    tidemark_sidecar::run(config, shutdown)
-        .await
-        .context("tidemark-sidecar")
+    let mut runtime = match config.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.max(1));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        tidemark_runtime::init_logging();
+        let shutdown = tidemark_runtime::shutdown::on_signal();
+        tidemark_sidecar::run(config, shutdown)
+            .await
+            .context("tidemark-sidecar")
+    })
 }

@@ -187,6 +187,24 @@ impl Drop for Proc {
     }
 }
 
+/// `tidemark dev` over `data_dir`, committing every 100 ms, on OS-chosen
+/// ports (the ingest port may be given in `extra`), with `extra` flags.
+pub fn start_dev(data_dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let data_dir = format!("--data-dir={}", data_dir.display());
+    let mut args = vec![
+        "dev",
+        &data_dir,
+        "--api-listen=127.0.0.1:0",
+        "--admin-listen=127.0.0.1:0",
+        "--commit-interval=100ms",
+    ];
+    if !extra.iter().any(|a| a.starts_with("--ingest-listen=")) {
+        args.push("--ingest-listen=127.0.0.1:0");
+    }
+    args.extend_from_slice(extra);
+    Proc::start("tidemark", &args)
+}
+
 /// Starts the test upstream app (see [`upstream`]).
 pub async fn start_upstream() -> SocketAddr {
     upstream::start().await

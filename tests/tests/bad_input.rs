@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use tidemark_e2e::{
-    Proc, expect_billed_requests, free_port, kafka_brokers, send_requests, start_upstream, unique_topic,
+    Proc, expect_billed_requests, free_port, kafka_brokers, send_requests, start_dev, start_upstream, unique_topic,
 };
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
@@ -94,17 +94,7 @@ async fn the_sidecar_serves_while_the_collector_is_down_and_delivers_later() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let dev = Proc::start(
-        "tidemark",
-        &[
-            "dev",
-            &format!("--data-dir={}", dir.path().display()),
-            &format!("--ingest-listen=127.0.0.1:{ingest_port}"),
-            "--api-listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--commit-interval=200ms",
-        ],
-    );
+    let dev = start_dev(dir.path(), &[&format!("--ingest-listen=127.0.0.1:{ingest_port}")]);
     let api = dev.address("billing HTTP API");
     expect_billed_requests(api, &[("acme", 3 * rounds), ("globex", rounds)], Duration::from_secs(1)).await;
 }

@@ -22,24 +22,14 @@ async fn a_group_resumes_from_its_committed_offsets_with_nothing_lost_or_repeate
     .await
     .expect("the broker answers");
     let topic = unique_topic();
-    log.ensure_topic(
-        &topic,
-        TopicSpec {
-            partitions: 3,
-            compacted: false,
-        },
-    )
-    .await
-    .expect("topic");
-    log.ensure_topic(
-        &topic,
-        TopicSpec {
-            partitions: 3,
-            compacted: false,
-        },
-    )
-    .await
-    .expect("creating an existing topic is fine");
+    let spec = TopicSpec {
+        partitions: 3,
+        compacted: false,
+    };
+    log.ensure_topic(&topic, spec).await.expect("topic");
+    log.ensure_topic(&topic, spec)
+        .await
+        .expect("creating an existing topic is fine");
 
     let mut sent = BTreeSet::new();
     for i in 0..RECORDS {

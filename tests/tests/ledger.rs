@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tidemark_e2e::{Proc, billed, get};
+use tidemark_e2e::{billed, get, start_dev};
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
 use tidemark_proto::v1::{TenantUsage, UsageBatch};
@@ -51,18 +51,7 @@ async fn gaps(api: std::net::SocketAddr) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicates_count_once_and_missing_batches_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = Proc::start(
-        "tidemark",
-        &[
-            "dev",
-            &format!("--data-dir={}", dir.path().display()),
-            "--ingest-listen=127.0.0.1:0",
-            "--api-listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--commit-interval=100ms",
-            "--gap-grace=2s",
-        ],
-    );
+    let dev = start_dev(dir.path(), &["--gap-grace=2s"]);
     let ingest = dev.address("ingest gRPC");
     let api = dev.address("billing HTTP API");
 
@@ -121,17 +110,7 @@ async fn duplicates_count_once_and_missing_batches_are_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_by_window_and_service_as_json_and_csv_and_bad_queries_get_400() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = Proc::start(
-        "tidemark",
-        &[
-            "dev",
-            &format!("--data-dir={}", dir.path().display()),
-            "--ingest-listen=127.0.0.1:0",
-            "--api-listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--commit-interval=100ms",
-        ],
-    );
+    let dev = start_dev(dir.path(), &[]);
     let ingest = dev.address("ingest gRPC");
     let api = dev.address("billing HTTP API");
     // Two services, batches an hour apart (seq s starts at s seconds; 3600 s = 1 h).

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tidemark_e2e::{
-    Proc, expect_billed_requests, fresh_postgres_database, kafka_brokers, send_requests, start_upstream, unique_topic,
+    Proc, expect_billed_requests, fresh_postgres_database, kafka_brokers, send_requests, start_dev, start_upstream,
+    unique_topic,
 };
 
 const REPORT_INTERVAL: &str = "200ms";
@@ -85,17 +86,6 @@ async fn kafka_to_postgres_counts_every_request_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_counts_every_request_exactly_once_over_the_embedded_log() {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = format!("--data-dir={}", dir.path().display());
-    let dev = Proc::start(
-        "tidemark",
-        &[
-            "dev",
-            &data_dir,
-            "--ingest-listen=127.0.0.1:0",
-            "--api-listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--commit-interval=200ms",
-        ],
-    );
+    let dev = start_dev(dir.path(), &[]);
     drive_and_check(dev.address("ingest gRPC"), dev.address("billing HTTP API")).await;
 }

@@ -6,6 +6,8 @@
 //! - `/drip`: sends `first`, waits 2 s, sends `second` (proves streaming);
 //! - `/slow`: waits 1 s, then 200 `slow`;
 //! - `/usage`: 200 with `tidemark-usage: tokens=5, bad` (one good, one bad item);
+//! - `/trailers`: 200 `body` followed by trailers `grpc-status: 0`,
+//!   `grpc-message: done` (as a gRPC server answers);
 //! - `/ws`: upgrades (`Upgrade: echo`) and echoes bytes until the client closes.
 
 use std::convert::Infallible;
@@ -50,6 +52,16 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible>
                 let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"second")))).await;
             });
             Response::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
+        }
+        "/trailers" => {
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().expect("static header"));
+            trailers.insert("grpc-message", "done".parse().expect("static header"));
+            let frames: Vec<Result<Frame<Bytes>, hyper::Error>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"body"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            Response::new(StreamBody::new(tokio_stream::iter(frames)).boxed())
         }
         "/usage" => {
             let mut response = full(StatusCode::OK, "used");

@@ -278,6 +278,28 @@ async fn bodies_stream_through_without_buffering() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn http2_trailers_pass_through_as_grpc_needs_them() {
+    let upstream = start_upstream().await;
+    let sidecar = sidecar(
+        &format!("http://{upstream}"),
+        &format!("127.0.0.1:{}", free_port()),
+        &[],
+    );
+    let proxy = sidecar.address("proxy");
+    let http2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let response = http2
+        .request(request("POST", proxy, "/trailers", None, b""))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "done");
+    assert_eq!(&collected.to_bytes()[..], b"body");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn beyond_the_concurrency_limit_and_queue_requests_get_503_at_once() {
     let brokers = kafka_brokers();
     let topic = unique_topic();

@@ -201,16 +201,16 @@ def report(results):
 
     w("## Which rows to compare")
     w("")
-    if any(name == SIDECAR + "-1" for name, _ in targets):
+    if any(name == SIDECAR + "-cores" for name, _ in targets):
         w(
-            "Like with like: the sidecar by default runs one worker thread per core, as "
-            "nginx does with `worker_processes auto` and HAProxy without `nbthread`; "
-            "with `--worker-threads 1` it stays on one thread, as nginx with "
-            "`worker_processes 1` and HAProxy with `nbthread 1`. Compare per-core rows "
-            "with per-core rows and single-thread rows with single-thread rows. On a "
-            "machine this small, where the load generator and the app share the cores, "
-            "one thread often has the lower latency at moderate rates (no cross-core "
-            "hand-offs) and the per-core setting the higher saturation throughput."
+            "Like with like: the sidecar by default runs on one worker thread, as nginx "
+            "with `worker_processes 1` and HAProxy with `nbthread 1`; with "
+            "`--worker-threads 0` it runs one per core, as nginx with "
+            "`worker_processes auto` and HAProxy without `nbthread`. Compare "
+            "single-thread rows with single-thread rows and per-core rows with per-core "
+            "rows. On a machine this small, where the load generator and the app share "
+            "the cores, one thread usually wins on both latency and throughput: it saves "
+            "the cross-core hand-offs."
         )
     else:
         w(

@@ -138,11 +138,11 @@ pub struct Config {
     #[arg(long, env = "TIDEMARK_MAX_PENDING_BATCHES", default_value_t = 100_000)]
     pub max_pending_batches: usize,
 
-    /// Threads serving requests (default: one per core). A sidecar shares
-    /// its machine with the app; 1 keeps it on one core, like an nginx
-    /// worker.
-    #[arg(long, env = "TIDEMARK_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    /// Threads serving requests; 0 means one per core. A sidecar shares its
+    /// machine with the app: one thread saves cross-core hand-offs and, on
+    /// small machines, is both faster and cheaper (see bench/RESULTS.md).
+    #[arg(long, env = "TIDEMARK_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 
     /// How long shutdown waits for the collector to acknowledge the last batches.
     #[arg(long, env = "TIDEMARK_DRAIN_TIMEOUT", value_parser = duration, default_value = "10s")]

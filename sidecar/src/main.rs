@@ -5,13 +5,13 @@ use anyhow::Context;
 fn main() -> anyhow::Result<()> {
     let config: tidemark_sidecar::Config = tidemark_runtime::config::load_or_exit();
     let mut runtime = match config.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n.max(1));
+            builder.worker_threads(n);
             builder
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {

@@ -233,32 +233,41 @@ impl Windows {
                 tenants_overflowed: window.tenants_overflowed,
             };
             self.telemetry.tenants_overflowed.inc_by(window.tenants_overflowed);
-            if let Some(spool) = &self.spool {
-                match spool.store(&batch) {
-                    Ok(Stored::Durable) => {
-                        if let Some(first) = full_since.take() {
-                            tracing::warn!(since_seq = first, "the spool has room again");
+            let batch = match &self.spool {
+                None => batch,
+                Some(spool) => {
+                    // Writing syncs the disk: off the threads that serve requests.
+                    let writer = Arc::clone(spool);
+                    let (stored, written) = tokio::task::spawn_blocking(move || (writer.store(&batch), batch))
+                        .await
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                    match stored {
+                        Ok(Stored::Durable) => {
+                            if let Some(first) = full_since.take() {
+                                tracing::warn!(since_seq = first, "the spool has room again");
+                            }
+                        }
+                        Ok(Stored::Full) => {
+                            self.telemetry.batches_unspooled.inc();
+                            if full_since.is_none() {
+                                full_since = Some(seq);
+                                tracing::error!(
+                                    seq,
+                                    "the spool is full: new batches are kept in memory only and are lost if the sidecar crashes before the collector takes them"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            self.telemetry.batches_unspooled.inc();
+                            tracing::error!(seq, error = %e, "cannot write a batch to the spool: it is kept in memory only");
                         }
                     }
-                    Ok(Stored::Full) => {
-                        self.telemetry.batches_unspooled.inc();
-                        if full_since.is_none() {
-                            full_since = Some(seq);
-                            tracing::error!(
-                                seq,
-                                "the spool is full: new batches are kept in memory only and are lost if the sidecar crashes before the collector takes them"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        self.telemetry.batches_unspooled.inc();
-                        tracing::error!(seq, error = %e, "cannot write a batch to the spool: it is kept in memory only");
-                    }
+                    self.telemetry
+                        .spool_bytes
+                        .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+                    written
                 }
-                self.telemetry
-                    .spool_bytes
-                    .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
-            }
+            };
             self.pending.push(batch);
             seq += 1;
             window_start = window_end;

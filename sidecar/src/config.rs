@@ -139,8 +139,8 @@ pub struct Config {
     pub max_pending_batches: usize,
 
     /// Threads serving requests; 0 means one per core. A sidecar shares its
-    /// machine with the app: one thread saves cross-core hand-offs and, on
-    /// small machines, is both faster and cheaper (see bench/RESULTS.md).
+    /// machine with the app: one thread keeps it to one core's worth of CPU
+    /// and saves cross-core hand-offs (see bench/RESULTS.md).
     #[arg(long, env = "TIDEMARK_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 

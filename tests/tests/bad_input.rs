@@ -164,3 +164,28 @@ fn a_config_file_with_an_unknown_key_fails_at_start_naming_file_and_key() {
         "{output}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_last_window_before_the_sidecar_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(dir.path(), &[]);
+    let ingest = dev.address("ingest gRPC");
+    let api = dev.address("billing HTTP API");
+    let upstream = start_upstream().await;
+    // A window far longer than the test: only the shutdown flush reports.
+    let mut sidecar = Proc::start(
+        "tidemark-sidecar",
+        &[
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            &format!("--upstream=http://{upstream}"),
+            &format!("--collector=http://{ingest}"),
+            "--service=shop",
+            "--report-interval=1h",
+        ],
+    );
+    send_requests(sidecar.address("proxy"), "acme", 7).await;
+    let status = sidecar.terminate();
+    assert!(status.success(), "exited {status}:\n{}", sidecar.output());
+    expect_billed_requests(api, &[("acme", 7)], Duration::from_millis(500)).await;
+}

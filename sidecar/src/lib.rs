@@ -104,7 +104,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SidecarError>
         upstream: config.upstream.clone(),
         upstream_protocol: config.upstream_protocol,
         tenants: source,
-        usage_header: Some(config.usage_header.clone()),
+        usage_header: config.usage_header.clone(),
         billing: body::BilledDuration {
             step: config.billing_step,
             minimum: config.billing_minimum,

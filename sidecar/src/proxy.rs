@@ -67,7 +67,7 @@ pub struct ProxySettings {
     pub upstream: Uri,
     pub upstream_protocol: UpstreamProtocol,
     pub tenants: TenantSource,
-    pub usage_header: Option<HeaderName>,
+    pub usage_header: HeaderName,
     pub billing: BilledDuration,
     pub max_concurrency: usize,
     pub max_queue: usize,
@@ -238,9 +238,7 @@ impl Proxy {
     /// Adds the app's custom usage header to the tenant's meters and removes
     /// it from the response.
     fn take_custom_usage(&self, headers: &mut HeaderMap, end: &RequestEnd) {
-        let Some(name) = &self.settings.usage_header else {
-            return;
-        };
+        let name = &self.settings.usage_header;
         for value in headers.get_all(name) {
             let Ok(text) = value.to_str() else {
                 end.meter().reject_custom();

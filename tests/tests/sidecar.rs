@@ -244,6 +244,15 @@ async fn a_scripted_request_mix_is_metered_exactly_per_tenant() {
     drop(down);
 }
 
+/// A sidecar in front of `upstream` whose collector is not there.
+fn sidecar_without_collector(upstream: SocketAddr) -> Proc {
+    sidecar(
+        &format!("http://{upstream}"),
+        &format!("127.0.0.1:{}", free_port()),
+        &[],
+    )
+}
+
 /// A sidecar whose upstream does not exist.
 fn sidecar_to_nowhere(collector: &SocketAddr) -> Proc {
     sidecar(
@@ -256,11 +265,7 @@ fn sidecar_to_nowhere(collector: &SocketAddr) -> Proc {
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_stream_through_without_buffering() {
     let upstream = start_upstream().await;
-    let sidecar = sidecar(
-        &format!("http://{upstream}"),
-        &format!("127.0.0.1:{}", free_port()),
-        &[],
-    );
+    let sidecar = sidecar_without_collector(upstream);
     let proxy = sidecar.address("proxy");
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let started = Instant::now();
@@ -280,11 +285,7 @@ async fn bodies_stream_through_without_buffering() {
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_trailers_pass_through_as_grpc_needs_them() {
     let upstream = start_upstream().await;
-    let sidecar = sidecar(
-        &format!("http://{upstream}"),
-        &format!("127.0.0.1:{}", free_port()),
-        &[],
-    );
+    let sidecar = sidecar_without_collector(upstream);
     let proxy = sidecar.address("proxy");
     let http2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
     let response = http2

@@ -141,9 +141,7 @@ impl EmbeddedLog {
 
     pub async fn consumer(&self, topic: &str, group: &str) -> Result<EmbeddedConsumer, LogError> {
         validate_group(group)?;
-        let this = self.clone();
-        let topic_name = topic.to_owned();
-        let files = blocking(move || this.topic(&topic_name, None)).await?;
+        let files = self.existing_topic(topic).await?;
         let member = MemberGuard::join(&self.inner.members, topic, group)?;
         let offsets_path = files.dir.join("groups").join(group);
         let path = offsets_path.clone();
@@ -151,16 +149,28 @@ impl EmbeddedLog {
         let next = (0..files.partitions.len())
             .map(|p| committed.get(&partition_id(p)).copied().unwrap_or(0))
             .collect();
-        let changes = files.appended.subscribe();
-        Ok(EmbeddedConsumer {
+        Ok(EmbeddedConsumer::new(
             files,
             next,
-            buffer: VecDeque::new(),
-            changes,
-            committed,
-            offsets_path,
-            _member: member,
-        })
+            Some(Group {
+                committed,
+                offsets_path,
+                _member: member,
+            }),
+        ))
+    }
+
+    /// Reads every partition of `topic` from its beginning, outside any group.
+    pub async fn reader(&self, topic: &str) -> Result<EmbeddedConsumer, LogError> {
+        let files = self.existing_topic(topic).await?;
+        let next = vec![0; files.partitions.len()];
+        Ok(EmbeddedConsumer::new(files, next, None))
+    }
+
+    async fn existing_topic(&self, topic: &str) -> Result<Arc<TopicFiles>, LogError> {
+        let this = self.clone();
+        let topic = topic.to_owned();
+        blocking(move || this.topic(&topic, None)).await
     }
 
     /// The topic's files, opening them on first use. With `create`, a
@@ -487,7 +497,8 @@ impl Drop for MemberGuard {
     }
 }
 
-/// The single member of a consumer group on an embedded topic.
+/// The single member of a consumer group on an embedded topic, or a reader
+/// of the whole topic outside any group.
 #[derive(Debug)]
 pub struct EmbeddedConsumer {
     files: Arc<TopicFiles>,
@@ -495,12 +506,29 @@ pub struct EmbeddedConsumer {
     next: Vec<i64>,
     buffer: VecDeque<Record>,
     changes: watch::Receiver<u64>,
+    group: Option<Group>,
+}
+
+/// What a group member keeps beyond a reader.
+#[derive(Debug)]
+struct Group {
     committed: HashMap<i32, i64>,
     offsets_path: PathBuf,
     _member: MemberGuard,
 }
 
 impl EmbeddedConsumer {
+    fn new(files: Arc<TopicFiles>, next: Vec<i64>, group: Option<Group>) -> EmbeddedConsumer {
+        let changes = files.appended.subscribe();
+        EmbeddedConsumer {
+            files,
+            next,
+            buffer: VecDeque::new(),
+            changes,
+            group,
+        }
+    }
+
     pub async fn recv(&mut self) -> Result<Record, LogError> {
         loop {
             if let Some(record) = self.buffer.pop_front() {
@@ -544,18 +572,21 @@ impl EmbeddedConsumer {
     }
 
     pub async fn commit(&mut self, next_offsets: &[(i32, i64)]) -> Result<(), LogError> {
+        let partitions = self.next.len();
+        let topic = &self.files.name;
+        let group = self.group.as_mut().ok_or_else(|| LogError::NoGroup(topic.clone()))?;
         for &(partition, offset) in next_offsets {
-            if usize::try_from(partition).map_or(true, |p| p >= self.next.len()) {
+            if usize::try_from(partition).map_or(true, |p| p >= partitions) {
                 return Err(LogError::NoSuchPartition {
-                    topic: self.files.name.clone(),
+                    topic: topic.clone(),
                     partition,
                 });
             }
-            self.committed.insert(partition, offset);
+            group.committed.insert(partition, offset);
         }
-        let mut lines: Vec<_> = self.committed.iter().map(|(p, o)| format!("{p} {o}\n")).collect();
+        let mut lines: Vec<_> = group.committed.iter().map(|(p, o)| format!("{p} {o}\n")).collect();
         lines.sort();
-        let path = self.offsets_path.clone();
+        let path = group.offsets_path.clone();
         blocking(move || write_atomically(&path, lines.concat().as_bytes())).await
     }
 }
@@ -599,6 +630,49 @@ mod tests {
             let want: Vec<u32> = (0..30).filter(|i| i % 4 == k).collect();
             assert_eq!(values, want, "key {k}");
         }
+    }
+
+    #[tokio::test]
+    async fn readers_see_the_whole_topic_whatever_groups_committed_and_cannot_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path()).await;
+        for i in 0..6u32 {
+            log.append(TOPIC, format!("k{i}").as_bytes(), Bytes::from(i.to_string()))
+                .await
+                .expect("append");
+        }
+        let mut member = log.consumer(TOPIC, "g").await.expect("consumer");
+        let mut next = HashMap::new();
+        for _ in 0..6 {
+            let r = member.recv().await.expect("recv");
+            next.insert(r.partition, r.offset + 1);
+        }
+        member
+            .commit(&next.into_iter().collect::<Vec<_>>())
+            .await
+            .expect("commit");
+
+        let mut readers = [
+            log.reader(TOPIC).await.expect("reader"),
+            log.reader(TOPIC).await.expect("second reader"),
+        ];
+        for reader in &mut readers {
+            let mut seen = Vec::new();
+            for _ in 0..6 {
+                seen.push(reader.recv().await.expect("recv").payload);
+            }
+            seen.sort();
+            assert_eq!(seen, (0..6).map(|i| Bytes::from(i.to_string())).collect::<Vec<_>>());
+            assert!(matches!(reader.commit(&[(0, 1)]).await, Err(LogError::NoGroup(_))));
+        }
+        log.append(TOPIC, b"late", Bytes::from_static(b"7"))
+            .await
+            .expect("append");
+        let followed = tokio::time::timeout(std::time::Duration::from_secs(5), readers[0].recv()).await;
+        assert_eq!(
+            followed.expect("a reader follows new records").expect("recv").payload,
+            "7"
+        );
     }
 
     #[tokio::test]

@@ -157,14 +157,53 @@ impl KafkaLog {
         Ok(KafkaConsumer {
             topic: topic.to_owned(),
             consumer: Arc::new(consumer),
+            grouped: true,
+        })
+    }
+
+    /// Assigns every partition of `topic` from its beginning, with no group
+    /// membership: nothing is coordinated and nothing can be committed.
+    pub async fn reader(&self, topic: &str) -> Result<KafkaConsumer, LogError> {
+        let consumer: StreamConsumer = self
+            .config
+            .client_config()
+            // librdkafka wants a group id even for assign(); it is never joined.
+            .set("group.id", "tidemark-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka_err("create reader"))?;
+        let consumer = Arc::new(consumer);
+        let probe = Arc::clone(&consumer);
+        let name = topic.to_owned();
+        let partitions = tokio::task::spawn_blocking(move || {
+            probe
+                .fetch_metadata(Some(&name), Timeout::After(CONNECT_TIMEOUT))
+                .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
+        })
+        .await
+        .map_err(|_| LogError::Closed)?
+        .map_err(kafka_err("read topic metadata"))?;
+        let mut list = TopicPartitionList::new();
+        for p in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+            list.add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(kafka_err("assign"))?;
+        }
+        consumer.assign(&list).map_err(kafka_err("assign"))?;
+        Ok(KafkaConsumer {
+            topic: topic.to_owned(),
+            consumer,
+            grouped: false,
         })
     }
 }
 
-/// A consumer-group member on one Kafka topic.
+/// A consumer-group member on one Kafka topic, or a reader of all of it.
 pub struct KafkaConsumer {
     topic: String,
     consumer: Arc<StreamConsumer>,
+    grouped: bool,
 }
 
 impl std::fmt::Debug for KafkaConsumer {
@@ -202,6 +241,9 @@ impl KafkaConsumer {
     }
 
     pub async fn commit(&mut self, next_offsets: &[(i32, i64)]) -> Result<(), LogError> {
+        if !self.grouped {
+            return Err(LogError::NoGroup(self.topic.clone()));
+        }
         let mut list = TopicPartitionList::new();
         for &(partition, offset) in next_offsets {
             list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))

@@ -70,6 +70,8 @@ pub enum LogError {
     GroupBusy { topic: String, group: String },
     #[error("partition {partition} does not exist in topic {topic:?}")]
     NoSuchPartition { topic: String, partition: i32 },
+    #[error("a reader of topic {0:?} belongs to no consumer group, so it has no offsets to commit")]
+    NoGroup(String),
     #[error("the log is closed")]
     Closed,
 }
@@ -122,10 +124,21 @@ impl Log {
             Log::Embedded(log) => Consumer::Embedded(log.consumer(topic, group).await?),
         })
     }
+
+    /// Reads every partition of `topic` from its beginning and then follows
+    /// it, outside any consumer group (so it cannot commit). This is how each
+    /// collector reads the whole compacted decisions topic.
+    pub async fn reader(&self, topic: &str) -> Result<Consumer, LogError> {
+        Ok(match self {
+            Log::Kafka(log) => Consumer::Kafka(log.reader(topic).await?),
+            Log::Embedded(log) => Consumer::Embedded(log.reader(topic).await?),
+        })
+    }
 }
 
-/// A member of a consumer group. Offsets are the caller's: nothing is
-/// committed unless [`Consumer::commit`] says so.
+/// A member of a consumer group, or a whole-topic reader ([`Log::reader`]).
+/// Offsets are the caller's: nothing is committed unless
+/// [`Consumer::commit`] says so.
 #[derive(Debug)]
 pub enum Consumer {
     Kafka(kafka::KafkaConsumer),

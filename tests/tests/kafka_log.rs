@@ -70,3 +70,46 @@ async fn a_group_resumes_from_its_committed_offsets_with_nothing_lost_or_repeate
     let extra = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await;
     assert!(extra.is_err(), "nothing beyond what was sent: {extra:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_sees_every_partition_from_the_beginning_and_follows() {
+    let log = Log::open(LogConfig::Kafka(KafkaConfig {
+        brokers: kafka_brokers(),
+        properties: Vec::new(),
+    }))
+    .await
+    .expect("the broker answers");
+    let topic = unique_topic();
+    let spec = TopicSpec {
+        partitions: 3,
+        compacted: true,
+    };
+    log.ensure_topic(&topic, spec).await.expect("topic");
+    for i in 0..9 {
+        log.append(&topic, format!("service-{i}").as_bytes(), Bytes::from(format!("{i}")))
+            .await
+            .expect("append");
+    }
+    let mut reader = log.reader(&topic).await.expect("reader");
+    let mut seen = BTreeSet::new();
+    for _ in 0..9 {
+        let record = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+            .await
+            .expect("a record within 30s")
+            .expect("recv");
+        seen.insert(String::from_utf8(record.payload.to_vec()).unwrap());
+    }
+    assert_eq!(seen, (0..9).map(|i| i.to_string()).collect());
+    log.append(&topic, b"service-new", Bytes::from_static(b"new"))
+        .await
+        .expect("append");
+    let record = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+        .await
+        .expect("the reader follows new records")
+        .expect("recv");
+    assert_eq!(&record.payload[..], b"new");
+    assert!(
+        reader.commit(&[(0, 1)]).await.is_err(),
+        "a reader has no group to commit to"
+    );
+}

@@ -3,6 +3,7 @@
 //! can serve behind one address.
 
 pub mod board;
+pub mod decisions;
 pub mod ingest;
 pub mod telemetry;
 

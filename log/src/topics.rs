@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use prost::Message;
-use tidemark_proto::v1::UsageBatch;
+use tidemark_proto::v1::{ScalingDecision, UsageBatch};
 
 use crate::TopicSpec;
 
@@ -17,6 +17,13 @@ pub const USAGE_TOPIC_SPEC: TopicSpec = TopicSpec {
     compacted: false,
 };
 
+/// How the decisions topic is created when missing: compacted, so it holds
+/// the latest decision per service and a reader can take it whole at start.
+pub const DECISIONS_TOPIC_SPEC: TopicSpec = TopicSpec {
+    partitions: 1,
+    compacted: true,
+};
+
 /// A usage batch as it is stored in the log: key and payload.
 pub fn encode_usage(batch: &UsageBatch) -> (Bytes, Bytes) {
     (
@@ -28,6 +35,19 @@ pub fn encode_usage(batch: &UsageBatch) -> (Bytes, Bytes) {
 /// Reads a usage batch back from a record's payload.
 pub fn decode_usage(payload: &[u8]) -> Result<UsageBatch, prost::DecodeError> {
     UsageBatch::decode(payload)
+}
+
+/// A scaling decision as it is stored in the log: key (service) and payload.
+pub fn encode_decision(decision: &ScalingDecision) -> (Bytes, Bytes) {
+    (
+        Bytes::copy_from_slice(decision.service.as_bytes()),
+        Bytes::from(decision.encode_to_vec()),
+    )
+}
+
+/// Reads a scaling decision back from a record's payload.
+pub fn decode_decision(payload: &[u8]) -> Result<ScalingDecision, prost::DecodeError> {
+    ScalingDecision::decode(payload)
 }
 
 #[cfg(test)]
@@ -46,5 +66,18 @@ mod tests {
         assert_eq!(&key[..], b"checkout");
         assert_eq!(decode_usage(&payload), Ok(batch));
         assert!(decode_usage(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn decisions_round_trip_and_are_keyed_by_service() {
+        let decision = ScalingDecision {
+            decision_id: "d".into(),
+            service: "checkout".into(),
+            desired_replicas: 4,
+            ..ScalingDecision::default()
+        };
+        let (key, payload) = encode_decision(&decision);
+        assert_eq!(&key[..], b"checkout");
+        assert_eq!(decode_decision(&payload), Ok(decision));
     }
 }

@@ -5,6 +5,8 @@
 pub mod board;
 pub mod decisions;
 pub mod ingest;
+pub mod keda;
+pub mod scaling_service;
 pub mod telemetry;
 
 use std::net::SocketAddr;

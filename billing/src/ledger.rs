@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidemark_core::UsageBatch;
+use tidemark_core::window::now_micros;
 use tidemark_log::topics::decode_usage;
 use tidemark_log::{Consumer, LogError, Record};
 use tidemark_runtime::shutdown::Shutdown;
@@ -45,12 +46,6 @@ pub struct Ledger {
     /// written, so a worker never writes over another's progress.
     read_since_commit: BTreeSet<i32>,
     gap_grace: Duration,
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 impl Ledger {

@@ -13,6 +13,7 @@ use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
 use tidemark_billing::{BillingArgs, DEFAULT_GROUP};
 use tidemark_collector::Collector;
+use tidemark_collector::ingest::IngestPolicy;
 use tidemark_log::embedded::EmbeddedConfig;
 use tidemark_log::topics::{USAGE_TOPIC, USAGE_TOPIC_SPEC};
 use tidemark_log::{Log, LogConfig};
@@ -53,7 +54,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let store = Store::open(&database).await?;
 
     let mut registry = Registry::default();
-    let collector = Collector::new(log.clone(), USAGE_TOPIC, &mut registry);
+    let collector = Collector::new(log.clone(), USAGE_TOPIC, IngestPolicy::default(), &mut registry);
     let telemetry = Arc::new(Telemetry::register(&mut registry));
     let consumer = log.consumer(USAGE_TOPIC, DEFAULT_GROUP).await?;
     let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace).await?;

@@ -42,8 +42,12 @@ async fn main() -> anyhow::Result<()> {
         .collector
         .tls()
         .context("cannot start: check --tls-cert and --tls-key")?;
+    let policy = args
+        .collector
+        .ingest_policy()
+        .context("cannot start: check --ingest-tokens")?;
     let mut registry = Registry::default();
-    let collector = Collector::new(log, &args.kafka.usage_topic, &mut registry);
+    let collector = Collector::new(log, &args.kafka.usage_topic, policy, &mut registry);
     let listener = tidemark_runtime::listen::bind(args.collector.listen, "ingest gRPC").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;

@@ -12,6 +12,13 @@ use crate::window::MICROS_PER_SECOND;
 /// longer window means a broken clock or a broken sender.
 pub const MAX_WINDOW_MICROS: i64 = 3600 * MICROS_PER_SECOND;
 
+/// Most requests an instance may report in flight on average: far beyond
+/// any real instance, so only a broken sender reaches it.
+pub const MAX_CONCURRENCY: f64 = 1_000_000.0;
+
+/// Most CPU cores an instance may report using over a window.
+pub const MAX_CORES: i64 = 4096;
+
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
 
@@ -32,8 +39,10 @@ pub enum InvalidBatch {
     WindowBeforeEpoch(i64),
     #[error("window lasts {0} µs, more than the {MAX_WINDOW_MICROS} µs allowed")]
     WindowTooLong(i64),
-    #[error("load.concurrency is {0}, not a finite number >= 0")]
+    #[error("load.concurrency is {0}, not a finite number between 0 and {MAX_CONCURRENCY}")]
     BadConcurrency(f64),
+    #[error("resources.cpu_micros is {cpu_micros} over a {window_micros} µs window: more than {MAX_CORES} cores")]
+    AbsurdCpu { cpu_micros: u64, window_micros: i64 },
     #[error("tenant #{index} name {reason}")]
     Tenant { index: usize, reason: InvalidName },
     #[error("tenant {0:?} appears more than once")]
@@ -64,9 +73,18 @@ pub fn validate(batch: &UsageBatch) -> Result<(), InvalidBatch> {
         return Err(InvalidBatch::WindowTooLong(end - start));
     }
     if let Some(load) = &batch.load
-        && !(load.concurrency.is_finite() && load.concurrency >= 0.0)
+        && !(load.concurrency.is_finite() && (0.0..=MAX_CONCURRENCY).contains(&load.concurrency))
     {
         return Err(InvalidBatch::BadConcurrency(load.concurrency));
+    }
+    let window_micros = end - start;
+    if let Some(resources) = &batch.resources
+        && u128::from(resources.cpu_micros) > (window_micros as u128) * (MAX_CORES as u128)
+    {
+        return Err(InvalidBatch::AbsurdCpu {
+            cpu_micros: resources.cpu_micros,
+            window_micros,
+        });
     }
     let mut seen = HashSet::with_capacity(batch.tenants.len());
     for (index, usage) in batch.tenants.iter().enumerate() {
@@ -81,6 +99,36 @@ pub fn validate(batch: &UsageBatch) -> Result<(), InvalidBatch> {
                 requests: usage.requests,
             });
         }
+    }
+    Ok(())
+}
+
+/// Why a batch's window does not fit the receiver's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OutOfTime {
+    #[error("window ends {ahead_micros} µs after the collector's clock, more than the {skew_micros} µs skew allowed")]
+    Future { ahead_micros: i64, skew_micros: i64 },
+    #[error("window ended {age_micros} µs ago, longer than the {max_age_micros} µs a batch may wait")]
+    TooOld { age_micros: i64, max_age_micros: i64 },
+}
+
+/// Checks a batch's window against the receiver's clock `now`: it may end at
+/// most `skew` in the future (clocks differ a little, not a lot) and at most
+/// `max_age` in the past (a spool replay after a long outage is fine, a
+/// batch from a year ago is a bug). All in µs since the Unix epoch.
+pub fn check_clock(batch: &UsageBatch, now: i64, skew: i64, max_age: i64) -> Result<(), OutOfTime> {
+    let end = batch.window_end_unix_micros;
+    if end.saturating_sub(now) > skew {
+        return Err(OutOfTime::Future {
+            ahead_micros: end - now,
+            skew_micros: skew,
+        });
+    }
+    if now.saturating_sub(end) > max_age {
+        return Err(OutOfTime::TooOld {
+            age_micros: now - end,
+            max_age_micros: max_age,
+        });
     }
     Ok(())
 }
@@ -157,6 +205,26 @@ mod tests {
                 InvalidBatch::BadConcurrency(f64::NAN),
             ),
             (
+                |b| {
+                    if let Some(load) = b.load.as_mut() {
+                        load.concurrency = 2e6;
+                    }
+                },
+                InvalidBatch::BadConcurrency(2e6),
+            ),
+            (
+                |b| {
+                    b.resources = Some(crate::ResourceSample {
+                        cpu_micros: 1_000_000 * 4097,
+                        memory_bytes: 0,
+                    })
+                },
+                InvalidBatch::AbsurdCpu {
+                    cpu_micros: 1_000_000 * 4097,
+                    window_micros: 1_000_000,
+                },
+            ),
+            (
                 |b| b.tenants[1].tenant = String::new(),
                 InvalidBatch::Tenant {
                     index: 1,
@@ -183,5 +251,27 @@ mod tests {
             // NaN != NaN, so compare the messages, which carry every field.
             assert_eq!(got.to_string(), want.to_string());
         }
+    }
+
+    #[test]
+    fn the_window_must_fit_the_clock_within_skew_and_age() {
+        let batch = good(); // ends at 2_000_000
+        assert_eq!(check_clock(&batch, 2_000_000, 10, 100), Ok(()));
+        assert_eq!(check_clock(&batch, 1_999_990, 10, 100), Ok(()), "exactly the skew");
+        assert_eq!(
+            check_clock(&batch, 1_999_989, 10, 100),
+            Err(OutOfTime::Future {
+                ahead_micros: 11,
+                skew_micros: 10
+            })
+        );
+        assert_eq!(check_clock(&batch, 2_000_100, 10, 100), Ok(()), "exactly the age");
+        assert_eq!(
+            check_clock(&batch, 2_000_101, 10, 100),
+            Err(OutOfTime::TooOld {
+                age_micros: 101,
+                max_age_micros: 100
+            })
+        );
     }
 }

@@ -10,6 +10,17 @@ pub fn minute_start(unix_micros: i64) -> i64 {
     unix_micros.div_euclid(MICROS_PER_MINUTE) * MICROS_PER_MINUTE
 }
 
+/// `t` in microseconds since the Unix epoch (0 before it, saturating far after).
+pub fn unix_micros(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The wall clock now, in microseconds since the Unix epoch.
+pub fn now_micros() -> i64 {
+    unix_micros(std::time::SystemTime::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

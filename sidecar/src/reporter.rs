@@ -8,9 +8,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
+use tidemark_core::window::unix_micros;
 use tidemark_core::{ResourceSample, UsageBatch};
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
@@ -142,11 +143,6 @@ impl Pending {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn unix_micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Reads the app's resources once per window.

@@ -13,14 +13,16 @@ use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
 use tidemark_proto::v1::{TenantUsage, UsageBatch};
 
+/// A one-second batch that ended a second ago.
 fn batch(service: &str, seq: u64) -> UsageBatch {
+    let end = tidemark_core::window::now_micros() - 1_000_000;
     UsageBatch {
         service: service.into(),
         instance: "i-1".into(),
         session_id: "3f1c5a8e-0000-4000-8000-000000000001".into(),
         seq,
-        window_start_unix_micros: 1_764_000_000_000_000,
-        window_end_unix_micros: 1_764_000_001_000_000,
+        window_start_unix_micros: end - 1_000_000,
+        window_end_unix_micros: end,
         tenants: vec![TenantUsage {
             tenant: "acme".into(),
             requests: 1,
@@ -65,6 +67,85 @@ async fn a_malformed_batch_gets_invalid_argument_and_the_stream_goes_on() {
         Reply::Ack(a) => assert_eq!(a.seq, 1),
         other => panic!("expected an ack, got {other:?}"),
     }
+}
+
+/// Sends `batches` on one stream with `token` and returns `(seq, code)` per
+/// answer, code 0 for an ack; or the status that ended the stream.
+async fn report(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    batches: Vec<UsageBatch>,
+) -> Result<Vec<(u64, i32)>, tonic::Status> {
+    let mut client = IngestClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut request = tonic::Request::new(tokio_stream::iter(batches));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let mut replies = client.report(request).await?.into_inner();
+    let mut results = Vec::new();
+    while let Some(reply) = replies.message().await? {
+        results.push(match reply.result.unwrap() {
+            Reply::Ack(a) => (a.seq, 0),
+            Reply::Reject(r) => (r.seq, r.code),
+        });
+    }
+    Ok(results)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_admit_only_their_services_and_clocks_must_agree_without_disturbing_other_streams() {
+    let brokers = kafka_brokers();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "shop = \"shop-token-0123456789\"\nsearch = \"search-token-0123456789\"\n",
+    )
+    .unwrap();
+    let collector = Proc::start(
+        "tidemark-collector",
+        &[
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            &format!("--kafka-brokers={brokers}"),
+            &format!("--usage-topic={}", unique_topic()),
+            &format!("--ingest-tokens={}", tokens.display()),
+            "--max-clock-skew=5s",
+            "--max-batch-age=1h",
+        ],
+    );
+    let addr = collector.address("ingest gRPC");
+
+    for token in [None, Some("guess-guess-guess-guess")] {
+        let status = report(addr, token, vec![batch("shop", 0)]).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}: {status:?}");
+    }
+
+    let mut future = batch("shop", 2);
+    future.window_start_unix_micros += 60_000_000;
+    future.window_end_unix_micros += 60_000_000;
+    let mut old = batch("shop", 3);
+    old.window_start_unix_micros -= 7_200_000_000;
+    old.window_end_unix_micros -= 7_200_000_000;
+    let mixed = vec![batch("shop", 0), batch("search", 1), future, old, batch("shop", 4)];
+    // A second stream, for another service, runs alongside the troubled one.
+    let (troubled, clean) = tokio::join!(
+        report(addr, Some("shop-token-0123456789"), mixed),
+        report(
+            addr,
+            Some("search-token-0123456789"),
+            (10..20).map(|seq| batch("search", seq)).collect()
+        ),
+    );
+    let denied = tonic::Code::PermissionDenied as i32;
+    let out_of_range = tonic::Code::OutOfRange as i32;
+    assert_eq!(
+        troubled.unwrap(),
+        [(0, 0), (1, denied), (2, out_of_range), (3, out_of_range), (4, 0)]
+    );
+    assert_eq!(clean.unwrap(), (10..20).map(|seq| (seq, 0)).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread")]

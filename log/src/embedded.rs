@@ -558,6 +558,11 @@ impl EmbeddedConsumer {
         }
     }
 
+    /// Every partition of the topic: an embedded member reads them all.
+    pub fn partitions(&self) -> Vec<i32> {
+        (0..self.next.len()).map(partition_id).collect()
+    }
+
     pub fn seek(&mut self, partition: i32, offset: i64) -> Result<(), LogError> {
         let slot = usize::try_from(partition)
             .ok()

@@ -240,6 +240,15 @@ impl KafkaConsumer {
         .map_err(kafka_err("seek"))
     }
 
+    pub fn assigned_partitions(&self) -> Result<Vec<i32>, LogError> {
+        let list = self.consumer.assignment().map_err(kafka_err("read assignment"))?;
+        Ok(list
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect())
+    }
+
     pub async fn commit(&mut self, next_offsets: &[(i32, i64)]) -> Result<(), LogError> {
         if !self.grouped {
             return Err(LogError::NoGroup(self.topic.clone()));

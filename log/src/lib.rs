@@ -162,6 +162,15 @@ impl Consumer {
         }
     }
 
+    /// The partitions this member reads now. A group's assignment moves
+    /// with rebalances; a reader and an embedded member read them all.
+    pub fn assigned_partitions(&self) -> Result<Vec<i32>, LogError> {
+        match self {
+            Consumer::Kafka(c) => c.assigned_partitions(),
+            Consumer::Embedded(c) => Ok(c.partitions()),
+        }
+    }
+
     /// Commits, for each `(partition, next_offset)`, the offset of the next
     /// record the group should read from that partition.
     pub async fn commit(&mut self, next_offsets: &[(i32, i64)]) -> Result<(), LogError> {

@@ -4,9 +4,11 @@
 
 pub mod board;
 pub mod decisions;
+pub mod hooks;
 pub mod ingest;
 pub mod ingest_auth;
 pub mod keda;
+pub mod orchestrator;
 pub mod scaling_service;
 pub mod telemetry;
 

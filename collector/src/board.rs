@@ -34,16 +34,15 @@ impl DecisionBoard {
     /// one for its service (a re-read topic or a late record changes
     /// nothing). Returns whether it was new.
     pub fn publish(&self, decision: ScalingDecision) -> bool {
+        let mut latest = self.latest.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = latest.get(&decision.service)
+            && (held.decided_at_unix_micros, &held.decision_id)
+                >= (decision.decided_at_unix_micros, &decision.decision_id)
         {
-            let mut latest = self.latest.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(held) = latest.get(&decision.service)
-                && (held.decided_at_unix_micros, &held.decision_id)
-                    >= (decision.decided_at_unix_micros, &decision.decision_id)
-            {
-                return false;
-            }
-            latest.insert(decision.service.clone(), decision.clone());
+            return false;
         }
+        latest.insert(decision.service.clone(), decision.clone());
+        // Sent under the lock, so the feed's order is the board's order.
         // No subscriber is not an error: the board still holds the decision.
         let _ = self.feed.send(decision);
         true

@@ -2,6 +2,7 @@
 //! it to the usage log. It keeps no state of its own, so several collectors
 //! can serve behind one address.
 
+pub mod autoscaler;
 pub mod board;
 pub mod decisions;
 pub mod hooks;

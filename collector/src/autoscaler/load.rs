@@ -1,0 +1,558 @@
+//! Load windows: the exact total load of a service over a window, from
+//! every instance's reports.
+//!
+//! Each sidecar report closes a window of length `d` at time `at` and says
+//! how busy the instance was in it. Per instance we keep the reports of the
+//! last stable window in a ring, sorted by `at`. For a window `W` ending at
+//! `now`, an instance's value is the duration-weighted average over its
+//! samples with `at` in `(now - W, now]`:
+//!
+//! - concurrency `= Σ(c·d) / Σd` (requests in flight, time-weighted),
+//! - rps `= Σrequests / Σd` (with `d` in seconds),
+//! - cpu `= Σcpu / Σd` (cores: CPU time per unit of wall time).
+//!
+//! The service's load is the sum over instances. Every instance is counted,
+//! not a sample of them (Knative's KPA scrapes a subset of pods and
+//! extrapolates), so the total is exact up to the reports' own precision.
+//!
+//! A report's state at `now` follows from its newest report, `age = now - at`:
+//!
+//! - *reporting*: `age <= late_after = max(2 × its last window, 1s)`;
+//! - *late*: older than that but `age <= instance_timeout`. Its newest
+//!   report's rates are carried forward over the gap `(at, now]` (capped at the
+//!   window), as if it had kept reporting them, so an overdue report never
+//!   looks like a drop in load;
+//! - *gone*: older than `instance_timeout`. Left out of the load and counted
+//!   as gone until its newest report leaves the stable window; then it is
+//!   forgotten.
+//!
+//! An instance that is not gone but has no report inside a (short) window
+//! counts with its newest report's values: the window is shorter than the
+//! instance's report interval, and "no report yet" is not "no load".
+//!
+//! Reports may arrive out of order: a report older than the newest one is
+//! placed by time and counts if it falls inside a window, but it does not
+//! change the instance's state. Recording a report is O(1) amortized (it is
+//! placed by scanning back from the newest, which is where reports arrive);
+//! evaluating is O(instances + reports in the stable window) with no
+//! allocation.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::policy::{Metric, Policy, micros};
+
+/// One sidecar report for one instance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation<'a> {
+    pub instance: &'a str,
+    /// When the report's window closed, on the autoscaler's clock (µs since the Unix epoch).
+    pub at_micros: i64,
+    /// Length of the report's window, > 0.
+    pub window_micros: i64,
+    /// Time-weighted average of requests in flight over the window.
+    pub concurrency: f64,
+    /// Requests finished in the window.
+    pub requests: u64,
+    /// CPU time used in the window (0 if not sampled).
+    pub cpu_micros: u64,
+}
+
+/// Reports kept per instance at most: 60 s of 250 ms reports is 240, so this
+/// only binds for very long stable windows or runaway reporters.
+pub const MAX_SAMPLES_PER_INSTANCE: usize = 4096;
+
+/// An instance is late once its newest report is older than this many of its windows...
+const LATE_AFTER_WINDOWS: i64 = 2;
+/// ...and never sooner than this.
+const MIN_LATE_AFTER_MICROS: i64 = 1_000_000;
+
+const MICROS_PER_SECOND: f64 = 1_000_000.0;
+
+/// One metric value per metric.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MetricValues {
+    pub concurrency: f64,
+    pub rps: f64,
+    pub cpu: f64,
+}
+
+impl MetricValues {
+    pub fn get(&self, metric: Metric) -> f64 {
+        match metric {
+            Metric::Concurrency => self.concurrency,
+            Metric::Rps => self.rps,
+            Metric::Cpu => self.cpu,
+        }
+    }
+
+    /// True when every metric is exactly 0: nothing at all happened.
+    pub fn is_zero(&self) -> bool {
+        self.concurrency == 0.0 && self.rps == 0.0 && self.cpu == 0.0
+    }
+
+    fn add(&mut self, other: MetricValues) {
+        self.concurrency += other.concurrency;
+        self.rps += other.rps;
+        self.cpu += other.cpu;
+    }
+}
+
+/// The service's load at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    /// Total over the stable window.
+    pub stable: MetricValues,
+    /// Total over the panic window.
+    pub panic: MetricValues,
+    pub reporting: u32,
+    pub late: u32,
+    pub gone: u32,
+}
+
+/// The windows an evaluation uses, in µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spans {
+    stable: i64,
+    panic: i64,
+    timeout: i64,
+}
+
+impl Spans {
+    fn of(policy: &Policy) -> Spans {
+        Spans {
+            stable: micros(policy.stable_window).max(1),
+            panic: micros(policy.panic_window).max(1),
+            timeout: micros(policy.instance_timeout),
+        }
+    }
+}
+
+/// One report, reduced to what the windows need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Sample {
+    at: i64,
+    window: i64,
+    concurrency: f64,
+    requests: f64,
+    cpu_micros: f64,
+}
+
+impl Sample {
+    /// The report as a sample; `None` if it covers no time. Non-finite or
+    /// negative concurrency counts as 0.
+    fn of(obs: &Observation<'_>) -> Option<Sample> {
+        if obs.window_micros <= 0 {
+            return None;
+        }
+        let concurrency = if obs.concurrency.is_finite() && obs.concurrency > 0.0 {
+            obs.concurrency
+        } else {
+            0.0
+        };
+        Some(Sample {
+            at: obs.at_micros,
+            window: obs.window_micros,
+            concurrency,
+            requests: obs.requests as f64,
+            cpu_micros: obs.cpu_micros as f64,
+        })
+    }
+}
+
+/// Duration-weighted sums over one window for one instance.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sums {
+    /// Σ concurrency × duration (µs).
+    concurrency_micros: f64,
+    /// Σ duration (µs).
+    micros: f64,
+    requests: f64,
+    cpu_micros: f64,
+}
+
+impl Sums {
+    fn add(&mut self, s: &Sample) {
+        let d = s.window as f64;
+        self.concurrency_micros += s.concurrency * d;
+        self.micros += d;
+        self.requests += s.requests;
+        self.cpu_micros += s.cpu_micros;
+    }
+
+    /// Adds `gap` µs at `s`'s rates, as if it had gone on reporting them.
+    fn carry(&mut self, s: &Sample, gap: i64) {
+        if gap <= 0 {
+            return;
+        }
+        let gap = gap as f64;
+        let d = s.window as f64;
+        self.concurrency_micros += s.concurrency * gap;
+        self.micros += gap;
+        self.requests += s.requests * gap / d;
+        self.cpu_micros += s.cpu_micros * gap / d;
+    }
+
+    /// The averages; `None` when no time is covered.
+    fn values(&self) -> Option<MetricValues> {
+        (self.micros > 0.0).then(|| MetricValues {
+            concurrency: self.concurrency_micros / self.micros,
+            rps: self.requests * MICROS_PER_SECOND / self.micros,
+            cpu: self.cpu_micros / self.micros,
+        })
+    }
+}
+
+/// The rates of one sample on its own.
+fn values_of(s: &Sample) -> MetricValues {
+    let mut sums = Sums::default();
+    sums.add(s);
+    sums.values().unwrap_or_default()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Reporting,
+    Late,
+    Gone,
+}
+
+/// One instance's recent reports.
+#[derive(Debug)]
+struct Instance {
+    /// Sorted by `at`, oldest first; at most [`MAX_SAMPLES_PER_INSTANCE`].
+    samples: VecDeque<Sample>,
+    /// The newest report ever seen; kept after the ring drops it, because a
+    /// late instance's load is carried forward from it.
+    newest: Sample,
+}
+
+impl Instance {
+    fn new(sample: Sample) -> Instance {
+        let mut samples = VecDeque::with_capacity(16);
+        samples.push_back(sample);
+        Instance {
+            samples,
+            newest: sample,
+        }
+    }
+
+    fn record(&mut self, sample: Sample, stable: i64) {
+        if sample.at > self.newest.at {
+            self.newest = sample;
+        } else if sample.at <= self.newest.at.saturating_sub(stable) {
+            // Too old for any window that ends at or after the newest report.
+            return;
+        }
+        // Reports arrive in order almost always: scan back from the newest.
+        let pos = self
+            .samples
+            .iter()
+            .rposition(|s| s.at <= sample.at)
+            .map_or(0, |i| i + 1);
+        self.samples.insert(pos, sample);
+        if self.samples.len() > MAX_SAMPLES_PER_INSTANCE {
+            self.samples.pop_front();
+        }
+        self.prune(self.newest.at.saturating_sub(stable));
+    }
+
+    /// Drops samples with `at <= horizon`.
+    fn prune(&mut self, horizon: i64) {
+        while self.samples.front().is_some_and(|s| s.at <= horizon) {
+            self.samples.pop_front();
+        }
+    }
+
+    fn state(&self, now: i64, timeout: i64) -> State {
+        let age = now.saturating_sub(self.newest.at);
+        let late_after = self
+            .newest
+            .window
+            .saturating_mul(LATE_AFTER_WINDOWS)
+            .max(MIN_LATE_AFTER_MICROS);
+        if age > timeout {
+            State::Gone
+        } else if age > late_after {
+            State::Late
+        } else {
+            State::Reporting
+        }
+    }
+
+    /// This instance's (stable, panic) values at `now`.
+    fn values(&self, now: i64, spans: Spans, state: State) -> (MetricValues, MetricValues) {
+        let mut stable = Sums::default();
+        let mut panic = Sums::default();
+        for s in self.samples.iter().rev() {
+            if s.at > now {
+                continue; // from the future (clock skew): not in a window ending now
+            }
+            let age = now - s.at;
+            if age >= spans.stable {
+                break;
+            }
+            stable.add(s);
+            if age < spans.panic {
+                panic.add(s);
+            }
+        }
+        if state == State::Late {
+            let gap = now.saturating_sub(self.newest.at);
+            stable.carry(&self.newest, gap.min(spans.stable));
+            panic.carry(&self.newest, gap.min(spans.panic));
+        }
+        let newest = values_of(&self.newest);
+        (stable.values().unwrap_or(newest), panic.values().unwrap_or(newest))
+    }
+}
+
+/// The reports of one service's instances, and the sums over them.
+#[derive(Debug)]
+pub struct LoadWindows {
+    instances: HashMap<String, Instance>,
+    spans: Spans,
+    observed: bool,
+}
+
+impl LoadWindows {
+    pub fn new(policy: &Policy) -> LoadWindows {
+        LoadWindows {
+            instances: HashMap::new(),
+            spans: Spans::of(policy),
+            observed: false,
+        }
+    }
+
+    /// Takes a new policy's windows; the reports kept stay.
+    pub fn set_policy(&mut self, policy: &Policy) {
+        self.spans = Spans::of(policy);
+    }
+
+    /// Records one report. Reports that cover no time (`window_micros <= 0`)
+    /// are ignored.
+    pub fn record(&mut self, obs: &Observation<'_>) {
+        let Some(sample) = Sample::of(obs) else {
+            return;
+        };
+        self.observed = true;
+        match self.instances.get_mut(obs.instance) {
+            Some(instance) => instance.record(sample, self.spans.stable),
+            None => {
+                self.instances.insert(obs.instance.to_owned(), Instance::new(sample));
+            }
+        }
+    }
+
+    /// True once any report has been recorded.
+    pub fn observed(&self) -> bool {
+        self.observed
+    }
+
+    /// Instances known (reporting, late or gone but not yet forgotten).
+    pub fn instances(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// The service's load at `now`. Drops reports older than the stable
+    /// window and forgets gone instances whose newest report is that old.
+    pub fn evaluate(&mut self, now: i64) -> Load {
+        let spans = self.spans;
+        let horizon = now.saturating_sub(spans.stable);
+        let mut load = Load::default();
+        self.instances.retain(|_, instance| {
+            let state = instance.state(now, spans.timeout);
+            if state == State::Gone {
+                load.gone += 1;
+                return instance.newest.at > horizon;
+            }
+            instance.prune(horizon);
+            let (stable, panic) = instance.values(now, spans, state);
+            load.stable.add(stable);
+            load.panic.add(panic);
+            match state {
+                State::Late => load.late += 1,
+                _ => load.reporting += 1,
+            }
+            true
+        });
+        load
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const SECOND: i64 = 1_000_000;
+    const MS: i64 = 1_000;
+
+    fn policy(stable_secs: u64, panic_secs: u64, timeout_secs: u64) -> Policy {
+        Policy {
+            stable_window: Duration::from_secs(stable_secs),
+            panic_window: Duration::from_secs(panic_secs),
+            instance_timeout: Duration::from_secs(timeout_secs),
+            ..Policy::default()
+        }
+    }
+
+    fn obs(instance: &str, at: i64, window: i64, concurrency: f64, requests: u64, cpu_micros: u64) -> Observation<'_> {
+        Observation {
+            instance,
+            at_micros: at,
+            window_micros: window,
+            concurrency,
+            requests,
+            cpu_micros,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn duration_weighted_averages_per_metric() {
+        let mut windows = LoadWindows::new(&policy(60, 6, 10));
+        // A 1 s report at concurrency 2 and a 3 s report at concurrency 6:
+        // (2·1 + 6·3) / 4 = 5. Requests 10 + 30 over 4 s = 10/s. CPU 0.5 s +
+        // 2.5 s over 4 s = 0.75 cores.
+        windows.record(&obs("a", 10 * SECOND, SECOND, 2.0, 10, 500_000));
+        windows.record(&obs("a", 13 * SECOND, 3 * SECOND, 6.0, 30, 2_500_000));
+        // A second instance adds to the total: 1 in flight, 4/s, 0.25 cores.
+        windows.record(&obs("b", 13 * SECOND, 4 * SECOND, 1.0, 16, 1_000_000));
+        let load = windows.evaluate(13 * SECOND);
+        assert!(close(load.stable.concurrency, 6.0), "{load:?}");
+        assert!(close(load.stable.rps, 14.0), "{load:?}");
+        assert!(close(load.stable.cpu, 1.0), "{load:?}");
+        // The panic window (7 s, 13 s] holds the same reports.
+        assert_eq!(load.panic, load.stable);
+        assert_eq!((load.reporting, load.late, load.gone), (2, 0, 0));
+    }
+
+    #[test]
+    fn windows_take_reports_by_their_end_time() {
+        let mut windows = LoadWindows::new(&policy(10, 2, 10));
+        // One report per second at 1, 2, ..., 20 with concurrency = its second.
+        for t in 1..=20 {
+            windows.record(&obs("a", t * SECOND, SECOND, t as f64, 0, 0));
+        }
+        let load = windows.evaluate(20 * SECOND);
+        // Stable (10, 20]: 11..=20, mean 15.5. Panic (18, 20]: 19, 20.
+        assert!(close(load.stable.concurrency, 15.5), "{load:?}");
+        assert!(close(load.panic.concurrency, 19.5), "{load:?}");
+        // A report ending exactly at now - W is out of the window.
+        let load = windows.evaluate(20 * SECOND + 500 * MS);
+        assert!(close(load.stable.concurrency, 15.5), "{load:?}");
+        assert!(close(load.panic.concurrency, 19.5), "{load:?}");
+    }
+
+    #[test]
+    fn a_late_report_older_than_the_newest_still_counts() {
+        let mut windows = LoadWindows::new(&policy(10, 2, 10));
+        windows.record(&obs("a", 20 * SECOND, SECOND, 4.0, 0, 0));
+        windows.record(&obs("a", 18 * SECOND, SECOND, 1.0, 0, 0));
+        windows.record(&obs("a", 19 * SECOND, SECOND, 7.0, 0, 0));
+        // Older than the stable window before the newest: dropped at once.
+        windows.record(&obs("a", 5 * SECOND, SECOND, 100.0, 0, 0));
+        let load = windows.evaluate(20 * SECOND);
+        assert!(close(load.stable.concurrency, 4.0), "{load:?}");
+        // Panic (18, 20]: 19 and 20 → 5.5.
+        assert!(close(load.panic.concurrency, 5.5), "{load:?}");
+        assert_eq!(load.reporting, 1);
+    }
+
+    #[test]
+    fn late_instances_carry_their_newest_rates_forward() {
+        let mut windows = LoadWindows::new(&policy(10, 2, 10));
+        for t in 1..=10 {
+            windows.record(&obs("a", t * SECOND, SECOND, 3.0, 20, 0));
+        }
+        // Within 2 × 1 s the instance is reporting and its values stand as they are.
+        let load = windows.evaluate(12 * SECOND);
+        assert_eq!((load.reporting, load.late), (1, 0));
+        assert!(close(load.stable.concurrency, 3.0), "{load:?}");
+        // Panic (10, 12] holds no report: the newest report's values stand in.
+        assert!(close(load.panic.concurrency, 3.0), "{load:?}");
+        assert!(close(load.panic.rps, 20.0), "{load:?}");
+        // 5 s silent: late. Stable (5, 15]: 5 real seconds + 5 carried at 3.0.
+        let load = windows.evaluate(15 * SECOND);
+        assert_eq!((load.reporting, load.late, load.gone), (0, 1, 0));
+        assert!(close(load.stable.concurrency, 3.0), "{load:?}");
+        assert!(close(load.stable.rps, 20.0), "{load:?}");
+        assert!(close(load.panic.concurrency, 3.0), "{load:?}");
+    }
+
+    #[test]
+    fn the_carry_weighs_the_newest_report_over_the_gap() {
+        let mut windows = LoadWindows::new(&policy(10, 2, 10));
+        for t in 1..=8 {
+            windows.record(&obs("a", t * SECOND, SECOND, 1.0, 0, 0));
+        }
+        windows.record(&obs("a", 10 * SECOND, 2 * SECOND, 5.0, 0, 0));
+        // At 14 s (late_after = 4 s, age 4 s): still reporting.
+        let load = windows.evaluate(14 * SECOND);
+        assert_eq!(load.reporting, 1);
+        // Stable (4, 14]: 5..=8 at 1 for 1 s each, 10 at 5 for 2 s: 14 / 6.
+        assert!(close(load.stable.concurrency, 14.0 / 6.0), "{load:?}");
+        // At 15 s: late. (5, 15]: 6..=8 (3 s at 1), 10 (2 s at 5), 5 s carried at 5.
+        let load = windows.evaluate(15 * SECOND);
+        assert_eq!(load.late, 1);
+        assert!(close(load.stable.concurrency, (3.0 + 10.0 + 25.0) / 10.0), "{load:?}");
+    }
+
+    #[test]
+    fn gone_instances_are_left_out_then_forgotten() {
+        let mut windows = LoadWindows::new(&policy(10, 2, 5));
+        windows.record(&obs("a", 10 * SECOND, SECOND, 3.0, 0, 0));
+        windows.record(&obs("b", 10 * SECOND, SECOND, 4.0, 0, 0));
+        windows.record(&obs("b", 16 * SECOND, SECOND, 4.0, 0, 0));
+        let load = windows.evaluate(16 * SECOND);
+        assert_eq!((load.reporting, load.late, load.gone), (1, 0, 1));
+        assert!(close(load.stable.concurrency, 4.0), "{load:?}");
+        assert_eq!(windows.instances(), 2);
+        // At 20 s, a's newest (10 s) is on the stable window's edge: counted, then forgotten.
+        let load = windows.evaluate(20 * SECOND);
+        assert_eq!(load.gone, 1);
+        assert_eq!(windows.instances(), 1);
+        let load = windows.evaluate(20 * SECOND);
+        assert_eq!(load.gone, 0);
+        // b comes back to life after being gone: reporting again.
+        windows.record(&obs("b", 30 * SECOND, SECOND, 2.0, 0, 0));
+        let load = windows.evaluate(30 * SECOND);
+        assert_eq!((load.reporting, load.gone), (1, 0));
+        assert!(close(load.stable.concurrency, 2.0), "{load:?}");
+    }
+
+    #[test]
+    fn bad_reports_harm_nothing() {
+        let mut windows = LoadWindows::new(&policy(10, 2, 10));
+        windows.record(&obs("a", 10 * SECOND, 0, 50.0, 5, 5));
+        assert!(!windows.observed());
+        windows.record(&obs("a", 10 * SECOND, SECOND, f64::NAN, 0, 0));
+        windows.record(&obs("b", 10 * SECOND, SECOND, f64::INFINITY, 0, 0));
+        windows.record(&obs("c", 10 * SECOND, SECOND, -3.0, 0, 0));
+        assert!(windows.observed());
+        let load = windows.evaluate(10 * SECOND);
+        assert_eq!(load.stable.concurrency, 0.0);
+        assert_eq!(load.reporting, 3);
+    }
+
+    #[test]
+    fn rings_are_bounded() {
+        let mut windows = LoadWindows::new(&policy(3600, 6, 10));
+        for i in 0..(MAX_SAMPLES_PER_INSTANCE as i64 + 100) {
+            windows.record(&obs("a", i * 100 * MS, 100 * MS, 1.0, 0, 0));
+        }
+        let instance = windows.instances.get("a").expect("known");
+        assert_eq!(instance.samples.len(), MAX_SAMPLES_PER_INSTANCE);
+        // And a normal window keeps only what is inside it.
+        let mut windows = LoadWindows::new(&policy(10, 2, 10));
+        for i in 0..1000 {
+            windows.record(&obs("a", i * 250 * MS, 250 * MS, 1.0, 0, 0));
+        }
+        let instance = windows.instances.get("a").expect("known");
+        assert_eq!(instance.samples.len(), 40);
+    }
+}

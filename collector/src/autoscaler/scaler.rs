@@ -1232,6 +1232,29 @@ mod tests {
         assert!(close(d.explanation.stable_window_load, 6.0));
     }
 
+    #[test]
+    fn an_exact_multiple_needs_no_extra_instance() {
+        // 0.7 per instance × 6 adds up to 4.2, and 4.2 / 0.7 is
+        // 6.000000000000001 in floats: still 6 instances, not 7.
+        let mut s = ServiceScaler::new(policy("targets = { concurrency = 1 }\ninitial_scale = 6"), 0);
+        let six = ["a", "b", "c", "d", "e", "f"];
+        feed(&mut s, &six, 0, at(60), conc(0.7));
+        let d = s.decide(at(60));
+        assert!(
+            d.explanation.stable_window_load / 0.7 > 6.0,
+            "the float noise this guards against"
+        );
+        assert_eq!((d.desired, d.explanation.unbounded_replicas), (6, 6));
+
+        assert_eq!(replicas_for(21.0, 7.0), 3);
+        assert_eq!(replicas_for(21.03, 7.0), 4);
+        assert_eq!(replicas_for(0.001, 7.0), 1);
+        assert_eq!(replicas_for(0.0, 7.0), 0);
+        assert_eq!(replicas_for(-5.0, 7.0), 0);
+        assert_eq!(replicas_for(f64::NAN, 7.0), 0);
+        assert_eq!(replicas_for(1.0, 0.0), u32::MAX);
+    }
+
     /// Phases of 2 s at `per_instance` for 3 instances, a decision at the end of each.
     fn phases(s: &mut ServiceScaler, values: impl IntoIterator<Item = f64>) -> Vec<u32> {
         let mut decided = Vec::new();

@@ -76,7 +76,8 @@ pub struct LocalSpec {
     /// executable, else on `PATH`).
     #[serde(default)]
     pub sidecar: Option<CommandLine>,
-    /// More sidecar flags, e.g. `["--report-interval", "500ms"]`.
+    /// More sidecar flags, e.g. `["--spool-dir", "/var/spool/tidemark/{instance}"]`;
+    /// `{port}` (the app's), `{service}` and `{instance}` are put in.
     #[serde(default)]
     pub sidecar_args: Vec<String>,
     /// The collector's ingest endpoint the sidecars report to.
@@ -131,6 +132,7 @@ impl LocalSpec {
                 .argv()
                 .map_err(|reason| HookConfigError::new("local.sidecar", reason))?;
         }
+        self.sidecar_args_template()?;
         for arg in &self.sidecar_args {
             let flag = arg.split('=').next().unwrap_or_default();
             if OWNED_SIDECAR_FLAGS.contains(&flag) {
@@ -163,10 +165,16 @@ impl LocalSpec {
         Template::parse(&self.command, PLACEHOLDERS).map_err(|reason| HookConfigError::new("local.command", reason))
     }
 
+    fn sidecar_args_template(&self) -> Result<Template, HookConfigError> {
+        Template::parse_args(&self.sidecar_args, PLACEHOLDERS)
+            .map_err(|reason| HookConfigError::new("local.sidecar_args", reason))
+    }
+
     /// The spec with the template parsed and the sidecar found.
     pub(crate) fn resolve(self) -> Result<ResolvedLocal, HookConfigError> {
         self.validate()?;
         let template = self.template()?;
+        let sidecar_args = self.sidecar_args_template()?;
         let sidecar = match &self.sidecar {
             Some(sidecar) => sidecar
                 .argv()
@@ -176,7 +184,7 @@ impl LocalSpec {
         Ok(ResolvedLocal {
             template,
             sidecar,
-            sidecar_args: self.sidecar_args,
+            sidecar_args,
             collector: self.collector,
             ports_from: self.ports_from,
             ready_timeout: self.ready_timeout,
@@ -219,7 +227,7 @@ fn find_sidecar() -> Result<PathBuf, HookConfigError> {
 pub(crate) struct ResolvedLocal {
     template: Template,
     sidecar: Vec<String>,
-    sidecar_args: Vec<String>,
+    sidecar_args: Template,
     collector: String,
     ports_from: u16,
     ready_timeout: Duration,
@@ -762,7 +770,7 @@ impl Pair {
             .arg(format!("--instance={name}"))
             .arg(format!("--collector={}", spec.collector))
             .arg(format!("--app-pid={app_pid}"))
-            .args(&spec.sidecar_args);
+            .args(spec.sidecar_args.render(&[&port, &shared.service, name]));
         let mut sidecar = match sidecar.spawn() {
             Ok(sidecar) => sidecar,
             Err(e) => {
@@ -893,20 +901,27 @@ pub(crate) enum Signal {
     Kill,
 }
 
-/// Sends `signal` to the process group led by `pid` with the `kill` program.
-/// Call it only while `pid` is an unreaped child of this process.
+/// Sends `signal` to the process group led by `pid` with the `kill` program
+/// (or the shell's `kill` where there is no program, as in slim container
+/// images). Call it only while `pid` is an unreaped child of this process.
 pub(crate) async fn signal_group(pid: u32, signal: Signal) {
     let name = match signal {
-        Signal::Term => "-TERM",
-        Signal::Kill => "-KILL",
+        Signal::Term => "TERM",
+        Signal::Kill => "KILL",
     };
-    let result = Command::new("kill")
-        .args([name, "--", &format!("-{pid}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+    let group = format!("-{pid}");
+    let quiet = |mut command: Command| {
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        command
+    };
+    let mut program = Command::new("kill");
+    program.args(["-s", name, "--", &group]);
+    let mut result = quiet(program).status().await;
+    if result.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        let mut shell = Command::new("sh");
+        shell.args(["-c", &format!("kill -s {name} -- {group}")]);
+        result = quiet(shell).status().await;
+    }
     match result {
         Ok(status) if status.success() => {}
         // The group is gone already: nothing to signal.
@@ -921,6 +936,13 @@ mod tests {
 
     use super::*;
 
+    impl LocalSpec {
+        fn resolve_with_sidecar(mut self) -> Result<ResolvedLocal, HookConfigError> {
+            self.sidecar = Some(CommandLine::Line("tidemark-sidecar".into()));
+            self.resolve()
+        }
+    }
+
     #[test]
     fn validation_names_the_key() {
         let mut spec = LocalSpec::new("python3 -m http.server {port} --bind 127.0.0.1");
@@ -929,6 +951,15 @@ mod tests {
         assert_eq!(spec.validate().unwrap_err().key, "local.sidecar_args");
         spec.sidecar_args = vec!["--report-interval".into(), "500ms".into()];
         spec.validate().unwrap();
+        spec.sidecar_args = vec!["--spool-dir=/var/spool/{instance}".into()];
+        let resolved = spec.clone().resolve_with_sidecar().unwrap();
+        assert_eq!(
+            resolved.sidecar_args.render(&["18000", "web", "web-2"]),
+            ["--spool-dir=/var/spool/web-2"]
+        );
+        spec.sidecar_args = vec!["--spool-dir=/var/spool/{instanse}".into()];
+        assert_eq!(spec.validate().unwrap_err().key, "local.sidecar_args");
+        spec.sidecar_args = Vec::new();
         spec.command = CommandLine::Line("app --port {prot}".into());
         let err = spec.validate().unwrap_err();
         assert_eq!(err.key, "local.command");

@@ -134,7 +134,11 @@ async fn runs_as_many_instances_as_decided_restarts_the_dead_and_stops_all_on_sh
         .unwrap();
     let mut spec = LocalSpec::new("python3 -m http.server {port} --bind 127.0.0.1");
     spec.sidecar = Some(CommandLine::Args(vec![sidecar.to_string_lossy().into_owned()]));
-    spec.sidecar_args = vec!["--drain-timeout=500ms".to_owned()];
+    let spools = tempfile::tempdir().unwrap();
+    spec.sidecar_args = vec![
+        "--drain-timeout=500ms".to_owned(),
+        format!("--spool-dir={}/{{instance}}", spools.path().display()),
+    ];
     spec.collector = format!("http://{collector}");
     spec.ready_timeout = Duration::from_secs(20);
     spec.stop_grace = Duration::from_secs(5);
@@ -169,6 +173,7 @@ async fn runs_as_many_instances_as_decided_restarts_the_dead_and_stops_all_on_sh
             format!("--collector=http://{collector}"),
             format!("--app-pid={app}"),
             "--drain-timeout=500ms".to_owned(),
+            format!("--spool-dir={}/{}", spools.path().display(), instance.name),
         ] {
             assert!(sidecar_args.contains(&flag), "{flag} missing from {sidecar_args:?}");
         }
@@ -177,6 +182,10 @@ async fn runs_as_many_instances_as_decided_restarts_the_dead_and_stops_all_on_sh
             200,
             "the app answers through {}",
             instance.sidecar
+        );
+        assert!(
+            spools.path().join(&instance.name).is_dir(),
+            "each sidecar has its own spool"
         );
     }
     let all_pids: Vec<u32> = status.iter().flat_map(pids).collect();
@@ -187,11 +196,16 @@ async fn runs_as_many_instances_as_decided_restarts_the_dead_and_stops_all_on_sh
     );
 
     // One: the newest instance goes, its processes with it.
+    let scaled_down = Instant::now();
     board.publish(decision("d-2", 2, 1));
     eventually(o, 20, "one instance left", || {
         o.status().len() == 1 && ready_addrs(o).len() == 1
     })
     .await;
+    assert!(
+        scaled_down.elapsed() < Duration::from_secs(4),
+        "SIGTERM stopped web-2 before the 5s stop_grace ran out (no SIGKILL)"
+    );
     assert_eq!(o.instance_count(), 1);
     assert_eq!(o.status()[0].name, "web-1");
     assert_eq!(ready_addrs(o), [status[0].sidecar]);

@@ -286,9 +286,18 @@ enum Piece {
 impl Template {
     /// Parses `command`, allowing the placeholders `names`.
     pub(crate) fn parse(command: &CommandLine, names: &'static [&'static str]) -> Result<Template, String> {
-        let argv = command.argv()?;
+        let template = Template::parse_args(&command.argv()?, names)?;
+        if matches!(template.args.first().map(Vec::as_slice), Some([Piece::Value(_), ..])) {
+            // A program chosen by a decision's values is never what anyone means.
+            return Err("the program itself cannot be a placeholder".to_owned());
+        }
+        Ok(template)
+    }
+
+    /// Parses arguments that are already split (no program among them).
+    pub(crate) fn parse_args(argv: &[String], names: &'static [&'static str]) -> Result<Template, String> {
         let mut args = Vec::with_capacity(argv.len());
-        for arg in &argv {
+        for arg in argv {
             let mut pieces = Vec::new();
             let mut text = String::new();
             let mut rest = arg.as_str();
@@ -322,10 +331,6 @@ impl Template {
                 pieces.push(Piece::Text(text));
             }
             args.push(pieces);
-        }
-        if matches!(args.first().map(Vec::as_slice), Some([Piece::Value(_), ..])) {
-            // A program chosen by a decision's values is never what anyone means.
-            return Err("the program itself cannot be a placeholder".to_owned());
         }
         Ok(Template { args, names })
     }

@@ -738,7 +738,7 @@ impl ServiceScaler {
             d.mode.as_str(),
             m.load(d.mode),
             m.metric,
-            humantime::format_duration(window),
+            window_text(window),
             m.desired(d.mode),
             m.per_instance,
             target,
@@ -758,6 +758,17 @@ struct Decided {
     bound: Bound,
     metric_i: usize,
     instances: Instances,
+}
+
+/// A window as `60s` or `500ms` (humantime would say `1m`).
+fn window_text(window: std::time::Duration) -> String {
+    if window.subsec_nanos() == 0 {
+        format!("{}s", window.as_secs())
+    } else if window.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", window.as_millis())
+    } else {
+        format!("{}s", window.as_secs_f64())
+    }
 }
 
 /// `5 reporting, 1 late, 2 starting` (zero counts left out, except reporting).
@@ -890,7 +901,7 @@ mod tests {
         assert_eq!(e.unbounded_replicas, 3);
         assert_eq!(
             e.summary,
-            "stable: 21.0 concurrency over 1m needs 3 at 7.0/instance (10 x 0.70); 3 reporting; stays 3"
+            "stable: 21.0 concurrency over 60s needs 3 at 7.0/instance (10 x 0.70); 3 reporting; stays 3"
         );
 
         // Load 50 for half the stable window: (30, 60] at 7 and (60, 90] at
@@ -965,7 +976,7 @@ mod tests {
         assert_eq!(e.bound_by, Bound::MaxScaleDownRate);
         assert_eq!(
             e.summary,
-            "stable: 14.0 concurrency over 1m needs 2 at 7.0/instance (10 x 0.70); 2 reporting; \
+            "stable: 14.0 concurrency over 60s needs 2 at 7.0/instance (10 x 0.70); 2 reporting; \
              8 -> 4, bound by max_scale_down_rate"
         );
     }
@@ -1253,6 +1264,9 @@ mod tests {
         assert_eq!(replicas_for(-5.0, 7.0), 0);
         assert_eq!(replicas_for(f64::NAN, 7.0), 0);
         assert_eq!(replicas_for(1.0, 0.0), u32::MAX);
+        assert_eq!(window_text(std::time::Duration::from_secs(60)), "60s");
+        assert_eq!(window_text(std::time::Duration::from_millis(1500)), "1500ms");
+        assert_eq!(window_text(std::time::Duration::from_micros(2_000_500)), "2.0005s");
     }
 
     /// Phases of 2 s at `per_instance` for 3 instances, a decision at the end of each.

@@ -3,3 +3,4 @@
 pub mod demo_app;
 pub mod dev;
 pub mod loadgen;
+pub mod simulate;

@@ -19,6 +19,8 @@ enum Command {
     DemoApp(tidemark::demo_app::DemoAppArgs),
     /// Send HTTP/1.1 load at a constant rate (or as fast as possible) and report latency percentiles.
     Loadgen(tidemark::loadgen::LoadgenArgs),
+    /// Replay a request trace against Tidemark's autoscaler and Knative's KPA and the Kubernetes HPA, simulated.
+    Simulate(tidemark::simulate::SimulateArgs),
 }
 
 #[tokio::main]
@@ -30,5 +32,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => tidemark::dev::run(args, shutdown).await,
         Command::DemoApp(args) => tidemark::demo_app::run(args, shutdown).await,
         Command::Loadgen(args) => tidemark::loadgen::run(args, shutdown).await,
+        Command::Simulate(args) => tokio::task::spawn_blocking(move || tidemark::simulate::run(args)).await?,
     }
 }

@@ -764,7 +764,7 @@ struct Decided {
 fn window_text(window: std::time::Duration) -> String {
     if window.subsec_nanos() == 0 {
         format!("{}s", window.as_secs())
-    } else if window.subsec_nanos() % 1_000_000 == 0 {
+    } else if window.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", window.as_millis())
     } else {
         format!("{}s", window.as_secs_f64())

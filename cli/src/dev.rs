@@ -12,8 +12,8 @@ use tidemark_billing::ledger::Ledger;
 use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
 use tidemark_billing::{BillingArgs, DEFAULT_GROUP};
-use tidemark_collector::Collector;
 use tidemark_collector::ingest::IngestPolicy;
+use tidemark_collector::{Collector, ScalingArgs};
 use tidemark_log::embedded::EmbeddedConfig;
 use tidemark_log::topics::{USAGE_TOPIC, USAGE_TOPIC_SPEC};
 use tidemark_log::{Log, LogConfig};
@@ -36,6 +36,8 @@ pub struct DevArgs {
     pub ingest_listen: SocketAddr,
 
     #[command(flatten)]
+    pub scaling: ScalingArgs,
+    #[command(flatten)]
     pub billing: BillingArgs,
     #[command(flatten)]
     pub admin: AdminArgs,
@@ -54,7 +56,15 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let store = Store::open(&database).await?;
 
     let mut registry = Registry::default();
-    let collector = Collector::new(log.clone(), USAGE_TOPIC, IngestPolicy::default(), &mut registry);
+    let collector = Collector::start(
+        log.clone(),
+        USAGE_TOPIC,
+        IngestPolicy::default(),
+        &args.scaling,
+        &mut registry,
+        shutdown.clone(),
+    )
+    .await?;
     let telemetry = Arc::new(Telemetry::register(&mut registry));
     let consumer = log.consumer(USAGE_TOPIC, DEFAULT_GROUP).await?;
     let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace).await?;
@@ -72,7 +82,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         .run(args.billing.commit_interval, shutdown)
         .await
         .context("ledger failed")?;
-    ingest_task.await?.context("ingest gRPC server failed")?;
+    ingest_task.await?.context("collector failed")?;
     api_task.await?.context("billing HTTP API failed")?;
     admin_task.await?.context("admin endpoints failed")?;
     Ok(())

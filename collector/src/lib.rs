@@ -1,6 +1,12 @@
 //! Tidemark's collector: receives usage from sidecars over gRPC and appends
-//! it to the usage log. It keeps no state of its own, so several collectors
-//! can serve behind one address.
+//! it to the usage log; its autoscaler turns the same usage into scaling
+//! decisions, which it serves to orchestrators (gRPC watch, KEDA) and
+//! carries out through hooks (webhook, exec, local processes).
+//!
+//! Ingest keeps no state, so several collectors can serve behind one
+//! address; autoscalers share the services as members of one consumer group,
+//! and every collector follows the whole decisions topic, so any of them
+//! answers for any service.
 
 pub mod autoscaler;
 pub mod board;
@@ -10,6 +16,7 @@ pub mod ingest;
 pub mod ingest_auth;
 pub mod keda;
 pub mod orchestrator;
+pub mod scaling_config;
 pub mod scaling_service;
 pub mod telemetry;
 
@@ -18,17 +25,28 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgAction, Args};
 use prometheus_client::registry::Registry;
-use tidemark_log::Log;
+use thiserror::Error;
+use tidemark_log::topics::{DECISIONS_TOPIC, DECISIONS_TOPIC_SPEC};
+use tidemark_log::{Log, LogError};
+use tidemark_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use tidemark_proto::v1::ingest_server::IngestServer;
+use tidemark_proto::v1::scaling_server::ScalingServer;
 use tidemark_runtime::shutdown::Shutdown;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use autoscaler::runner::{Autoscaler, AutoscalerError, AutoscalerSettings, AutoscalerTelemetry};
+use board::DecisionBoard;
+use hooks::{HookConfigError, Hooks};
 use ingest::{IngestPolicy, IngestService};
 use ingest_auth::{IngestTokens, TokensError};
+use keda::KedaScaler;
+use scaling_config::{ScalingConfig, ScalingConfigError};
+use scaling_service::ScalingService;
 use telemetry::Telemetry;
 
 /// Where and how the collector serves.
@@ -95,35 +113,165 @@ impl CollectorArgs {
     }
 }
 
-/// The collector's services, ready to serve.
+/// How the collector scales services.
+#[derive(Debug, Clone, Args)]
+pub struct ScalingArgs {
+    /// TOML file of scaling policies and hooks per service (docs/autoscaler.md); policies reload when it changes.
+    #[arg(long, env = "TIDEMARK_SCALING_CONFIG")]
+    pub scaling_config: Option<PathBuf>,
+
+    /// Run an autoscaler in this process, as a member of --autoscaler-group.
+    #[arg(long, env = "TIDEMARK_AUTOSCALE", default_value_t = true, action = ArgAction::Set)]
+    pub autoscale: bool,
+
+    /// Consumer group the autoscalers share the usage topic's partitions in.
+    #[arg(long, env = "TIDEMARK_AUTOSCALER_GROUP", default_value = "tidemark-autoscaler")]
+    pub autoscaler_group: String,
+
+    /// Compacted topic of the latest decision per service.
+    #[arg(long, env = "TIDEMARK_DECISIONS_TOPIC", default_value = DECISIONS_TOPIC)]
+    pub decisions_topic: String,
+}
+
+#[derive(Debug, Error)]
+pub enum CollectorError {
+    #[error("{0}")]
+    Log(#[from] LogError),
+    #[error("--scaling-config: {0}")]
+    Config(#[from] ScalingConfigError),
+    #[error("--scaling-config: services.{service}.{source}")]
+    Hook {
+        service: String,
+        #[source]
+        source: HookConfigError,
+    },
+    #[error("autoscaler: {0}")]
+    Autoscaler(#[from] AutoscalerError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("a background task panicked: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The collector's services, started and ready to serve.
 #[derive(Debug)]
 pub struct Collector {
     ingest: IngestService,
+    board: Arc<DecisionBoard>,
+    background: JoinSet<Result<(), CollectorError>>,
+    hooks: Vec<(String, Hooks)>,
 }
 
 impl Collector {
-    /// Builds the services over `log` and registers their metrics.
-    pub fn new(log: Log, usage_topic: &str, policy: IngestPolicy, registry: &mut Registry) -> Collector {
+    /// Starts everything behind the gRPC services: the decisions follower,
+    /// the autoscaler (unless disabled) and every configured hook.
+    pub async fn start(
+        log: Log,
+        usage_topic: &str,
+        policy: IngestPolicy,
+        scaling: &ScalingArgs,
+        registry: &mut Registry,
+        shutdown: Shutdown,
+    ) -> Result<Collector, CollectorError> {
         let telemetry = Arc::new(Telemetry::register(registry));
-        Collector {
-            ingest: IngestService::new(log, usage_topic, policy, telemetry),
+        let config = match &scaling.scaling_config {
+            Some(path) => ScalingConfig::load(path)?,
+            None => ScalingConfig::default(),
+        };
+        log.ensure_topic(&scaling.decisions_topic, DECISIONS_TOPIC_SPEC).await?;
+        let board = DecisionBoard::new();
+        let mut hooks = Vec::new();
+        for (service, section) in &config.services {
+            if section.hooks.is_empty() {
+                continue;
+            }
+            let started = hooks::spawn(
+                service.clone(),
+                section.hooks.clone(),
+                Arc::clone(&board),
+                shutdown.clone(),
+            )
+            .map_err(|source| CollectorError::Hook {
+                service: service.clone(),
+                source,
+            })?;
+            hooks.push((service.clone(), started));
         }
+        let mut background = JoinSet::new();
+        let follow = decisions::follow(
+            log.clone(),
+            scaling.decisions_topic.clone(),
+            Arc::clone(&board),
+            shutdown.clone(),
+        );
+        background.spawn(async move { Ok(follow.await?) });
+        if scaling.autoscale {
+            let settings = AutoscalerSettings {
+                usage_topic: usage_topic.to_owned(),
+                decisions_topic: scaling.decisions_topic.clone(),
+                group: scaling.autoscaler_group.clone(),
+                config_path: scaling.scaling_config.clone(),
+            };
+            let telemetry = AutoscalerTelemetry::register(registry);
+            let autoscaler = Autoscaler::start(log.clone(), settings, config, Arc::clone(&board), telemetry).await?;
+            let stop = shutdown.clone();
+            background.spawn(async move { Ok(autoscaler.run(stop).await?) });
+        }
+        Ok(Collector {
+            ingest: IngestService::new(log, usage_topic, policy, telemetry),
+            board,
+            background,
+            hooks,
+        })
     }
 
-    /// Serves gRPC on `listener` (over TLS if `tls`) until `shutdown` fires.
+    /// The latest decisions, as this collector knows them.
+    pub fn board(&self) -> Arc<DecisionBoard> {
+        Arc::clone(&self.board)
+    }
+
+    /// The running hooks of each service that has some.
+    pub fn hooks(&self) -> &[(String, Hooks)] {
+        &self.hooks
+    }
+
+    /// Serves ingest, Scaling and the KEDA external scaler on `listener`
+    /// (over TLS if `tls`) until `shutdown` fires, then waits for the
+    /// background tasks and hooks to finish. If a background task fails,
+    /// serving stops and its error is returned: a collector whose autoscaler
+    /// died must not look healthy.
     pub async fn serve(
         self,
         listener: TcpListener,
         tls: Option<ServerTlsConfig>,
         mut shutdown: Shutdown,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), CollectorError> {
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             server = server.tls_config(tls)?;
         }
-        server
+        let grpc = server
             .add_service(IngestServer::new(self.ingest))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.wait().await })
-            .await
+            .add_service(ScalingServer::new(ScalingService::new(Arc::clone(&self.board))))
+            .add_service(ExternalScalerServer::new(KedaScaler::new(Arc::clone(&self.board))))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.wait().await });
+        let mut background = self.background;
+        let first_failure = async {
+            while let Some(done) = background.join_next().await {
+                done??;
+            }
+            std::future::pending::<Result<(), CollectorError>>().await
+        };
+        tokio::select! {
+            served = grpc => served?,
+            failed = first_failure => return failed,
+        }
+        while let Some(done) = background.join_next().await {
+            done??;
+        }
+        for (_, hooks) in self.hooks {
+            hooks.join().await;
+        }
+        Ok(())
     }
 }

@@ -3,14 +3,15 @@
 use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
-use tidemark_collector::{Collector, CollectorArgs};
+use tidemark_collector::{Collector, CollectorArgs, ScalingArgs};
 use tidemark_log::args::KafkaArgs;
 use tidemark_log::topics::USAGE_TOPIC_SPEC;
 use tidemark_log::{Log, LogConfig};
 use tidemark_runtime::admin::{self, AdminArgs, Readiness};
 
 /// Tidemark's collector: receives usage from sidecars over gRPC and appends
-/// it to the usage log in Kafka.
+/// it to the usage log in Kafka; scales services from that usage and serves
+/// the decisions (gRPC watch, KEDA external scaler, hooks).
 #[derive(Debug, Parser)]
 #[command(name = "tidemark-collector", version, mut_arg("admin_listen", |a| a.default_value("127.0.0.1:7401")))]
 struct Args {
@@ -19,6 +20,8 @@ struct Args {
     config: Option<std::path::PathBuf>,
     #[command(flatten)]
     collector: CollectorArgs,
+    #[command(flatten)]
+    scaling: ScalingArgs,
     #[command(flatten)]
     kafka: KafkaArgs,
     #[command(flatten)]
@@ -47,7 +50,16 @@ async fn main() -> anyhow::Result<()> {
         .ingest_policy()
         .context("cannot start: check --ingest-tokens")?;
     let mut registry = Registry::default();
-    let collector = Collector::new(log, &args.kafka.usage_topic, policy, &mut registry);
+    let collector = Collector::start(
+        log,
+        &args.kafka.usage_topic,
+        policy,
+        &args.scaling,
+        &mut registry,
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot start")?;
     let listener = tidemark_runtime::listen::bind(args.collector.listen, "ingest gRPC").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
@@ -55,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
     collector
         .serve(listener, tls, shutdown)
         .await
-        .context("ingest gRPC server failed")?;
+        .context("collector failed")?;
     admin_task.await??;
     tracing::info!("collector stopped");
     Ok(())

@@ -13,4 +13,5 @@
 
 pub mod load;
 pub mod policy;
+pub mod runner;
 pub mod scaler;

@@ -30,6 +30,9 @@
 //! counts with its newest report's values: the window is shorter than the
 //! instance's report interval, and "no report yet" is not "no load".
 //!
+//! Each report must be recorded once: deduplication on `(session, seq)` is
+//! the caller's (the usage log's consumers do it).
+//!
 //! Reports may arrive out of order: a report older than the newest one is
 //! placed by time and counts if it falls inside a window, but it does not
 //! change the instance's state. Recording a report is O(1) amortized (it is

@@ -721,9 +721,12 @@ async fn probe_once(client: &Client<HttpConnector, Empty<Bytes>>, sidecar: Socke
     let exchange = async {
         let response = client.request(request).await.ok()?;
         let status = response.status();
+        if status != http::StatusCode::BAD_GATEWAY && status != http::StatusCode::GATEWAY_TIMEOUT {
+            // The app answered; its body does not matter.
+            return Some(true);
+        }
         let body = response.into_body().collect().await.ok()?.to_bytes();
-        let from_sidecar = (status == http::StatusCode::BAD_GATEWAY && &body[..] == b"upstream unavailable\n")
-            || (status == http::StatusCode::GATEWAY_TIMEOUT && &body[..] == b"upstream timed out\n");
+        let from_sidecar = &body[..] == b"upstream unavailable\n" || &body[..] == b"upstream timed out\n";
         Some(!from_sidecar)
     };
     matches!(tokio::time::timeout(PROBE_TIMEOUT, exchange).await, Ok(Some(true)))

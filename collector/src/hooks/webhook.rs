@@ -640,6 +640,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signature_is_hex_hmac_sha256_of_the_body() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
     fn urls_must_be_plain_http() {
         let mut spec = WebhookSpec::new("https://example.com/hook", "k");
         let err = spec.validate().unwrap_err();

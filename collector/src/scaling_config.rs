@@ -45,21 +45,13 @@ pub struct ServiceConfig {
     pub hooks: HooksSpec,
 }
 
-/// The whole file, resolved and validated.
-#[derive(Debug, Clone)]
+/// The whole file, resolved and validated. The default is no file: every
+/// service scales by the built-in policy.
+#[derive(Debug, Clone, Default)]
 pub struct ScalingConfig {
     /// The policy of services the file does not name.
     pub default_policy: Policy,
     pub services: BTreeMap<String, ServiceConfig>,
-}
-
-impl Default for ScalingConfig {
-    fn default() -> Self {
-        ScalingConfig {
-            default_policy: Policy::default(),
-            services: BTreeMap::new(),
-        }
-    }
 }
 
 impl ScalingConfig {

@@ -12,8 +12,7 @@ use tidemark_billing::ledger::Ledger;
 use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
 use tidemark_billing::{BillingArgs, DEFAULT_GROUP};
-use tidemark_collector::ingest::IngestPolicy;
-use tidemark_collector::{Collector, ScalingArgs};
+use tidemark_collector::{Collector, IngestArgs, ScalingArgs};
 use tidemark_log::embedded::EmbeddedConfig;
 use tidemark_log::topics::{USAGE_TOPIC, USAGE_TOPIC_SPEC};
 use tidemark_log::{Log, LogConfig};
@@ -35,6 +34,8 @@ pub struct DevArgs {
     #[arg(long, env = "TIDEMARK_INGEST_LISTEN", default_value = "127.0.0.1:7400")]
     pub ingest_listen: SocketAddr,
 
+    #[command(flatten)]
+    pub ingest: IngestArgs,
     #[command(flatten)]
     pub scaling: ScalingArgs,
     #[command(flatten)]
@@ -59,7 +60,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let collector = Collector::start(
         log.clone(),
         USAGE_TOPIC,
-        IngestPolicy::default(),
+        args.ingest.policy().context("cannot start: check --ingest-tokens")?,
         &args.scaling,
         &mut registry,
         shutdown.clone(),

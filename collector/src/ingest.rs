@@ -49,16 +49,6 @@ pub struct IngestPolicy {
     pub max_batch_age: Duration,
 }
 
-impl Default for IngestPolicy {
-    fn default() -> Self {
-        IngestPolicy {
-            tokens: None,
-            max_clock_skew: Duration::from_secs(60),
-            max_batch_age: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct IngestService {
     log: Log,

@@ -68,6 +68,13 @@ pub struct CollectorArgs {
     #[arg(long, env = "TIDEMARK_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+}
+
+/// What ingest lets in besides well-formed batches.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
     /// TOML file of bearer tokens per service (`checkout = "token"`); without it any sidecar may report.
     #[arg(long, env = "TIDEMARK_INGEST_TOKENS")]
     pub ingest_tokens: Option<PathBuf>,
@@ -79,6 +86,22 @@ pub struct CollectorArgs {
     /// How long ago a batch's window may have ended (spool replays after an outage).
     #[arg(long, env = "TIDEMARK_MAX_BATCH_AGE", default_value = "7days", value_parser = humantime::parse_duration)]
     pub max_batch_age: Duration,
+}
+
+impl IngestArgs {
+    /// The ingest policy, with the tokens file read.
+    pub fn policy(&self) -> Result<IngestPolicy, TokensError> {
+        Ok(IngestPolicy {
+            tokens: self
+                .ingest_tokens
+                .as_deref()
+                .map(IngestTokens::load)
+                .transpose()?
+                .map(Arc::new),
+            max_clock_skew: self.max_clock_skew,
+            max_batch_age: self.max_batch_age,
+        })
+    }
 }
 
 impl CollectorArgs {
@@ -96,20 +119,6 @@ impl CollectorArgs {
             tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
         }
         Ok(Some(tls))
-    }
-
-    /// What ingest lets in, with the tokens file read.
-    pub fn ingest_policy(&self) -> Result<IngestPolicy, TokensError> {
-        Ok(IngestPolicy {
-            tokens: self
-                .ingest_tokens
-                .as_deref()
-                .map(IngestTokens::load)
-                .transpose()?
-                .map(Arc::new),
-            max_clock_skew: self.max_clock_skew,
-            max_batch_age: self.max_batch_age,
-        })
     }
 }
 

@@ -47,7 +47,8 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot start: check --tls-cert and --tls-key")?;
     let policy = args
         .collector
-        .ingest_policy()
+        .ingest
+        .policy()
         .context("cannot start: check --ingest-tokens")?;
     let mut registry = Registry::default();
     let collector = Collector::start(

@@ -11,6 +11,13 @@ use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
 use tidemark_proto::v1::{TenantUsage, UsageBatch};
 
+/// `tidemark dev` taking batches from November 2025, when these were written.
+fn start_dev_for_old_batches(dir: &std::path::Path, extra: &[&str]) -> tidemark_e2e::Proc {
+    let mut args = vec!["--max-batch-age=100000days"];
+    args.extend_from_slice(extra);
+    start_dev(dir, &args)
+}
+
 fn batch(session: &str, seq: u64, requests: u64) -> UsageBatch {
     let start = 1_764_000_000_000_000 + seq as i64 * 1_000_000;
     UsageBatch {
@@ -51,7 +58,7 @@ async fn gaps(api: std::net::SocketAddr) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicates_count_once_and_missing_batches_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = start_dev(dir.path(), &["--gap-grace=2s"]);
+    let dev = start_dev_for_old_batches(dir.path(), &["--gap-grace=2s"]);
     let ingest = dev.address("ingest gRPC");
     let api = dev.address("billing HTTP API");
 
@@ -110,7 +117,7 @@ async fn duplicates_count_once_and_missing_batches_are_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_by_window_and_service_as_json_and_csv_and_bad_queries_get_400() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = start_dev(dir.path(), &[]);
+    let dev = start_dev_for_old_batches(dir.path(), &[]);
     let ingest = dev.address("ingest gRPC");
     let api = dev.address("billing HTTP API");
     // Two services, batches an hour apart (seq s starts at s seconds; 3600 s = 1 h).

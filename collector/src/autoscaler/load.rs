@@ -162,24 +162,27 @@ impl Sample {
     }
 }
 
-/// Duration-weighted sums over one window for one instance.
+/// Integrals over one window: each metric's rate times the time it lasted,
+/// clipped to the window. Integrals add across instances, averages do not.
 #[derive(Debug, Clone, Copy, Default)]
-struct Sums {
-    /// Σ concurrency × duration (µs).
+struct Integral {
+    /// Σ concurrency × covered µs.
     concurrency_micros: f64,
-    /// Σ duration (µs).
-    micros: f64,
     requests: f64,
     cpu_micros: f64,
 }
 
-impl Sums {
-    fn add(&mut self, s: &Sample) {
-        let d = s.window as f64;
-        self.concurrency_micros += s.concurrency * d;
-        self.micros += d;
-        self.requests += s.requests;
-        self.cpu_micros += s.cpu_micros;
+impl Integral {
+    /// Adds the part of `s` (which covers `(s.at - s.window, s.at]`) after `from`.
+    fn add_after(&mut self, s: &Sample, from: i64) {
+        let covered = s.at.saturating_sub(s.at.saturating_sub(s.window).max(from));
+        if covered <= 0 {
+            return;
+        }
+        let share = covered as f64 / s.window as f64;
+        self.concurrency_micros += s.concurrency * covered as f64;
+        self.requests += s.requests * share;
+        self.cpu_micros += s.cpu_micros * share;
     }
 
     /// Adds `gap` µs at `s`'s rates, as if it had gone on reporting them.
@@ -187,29 +190,27 @@ impl Sums {
         if gap <= 0 {
             return;
         }
-        let gap = gap as f64;
-        let d = s.window as f64;
-        self.concurrency_micros += s.concurrency * gap;
-        self.micros += gap;
-        self.requests += s.requests * gap / d;
-        self.cpu_micros += s.cpu_micros * gap / d;
+        let share = gap as f64 / s.window as f64;
+        self.concurrency_micros += s.concurrency * gap as f64;
+        self.requests += s.requests * share;
+        self.cpu_micros += s.cpu_micros * share;
     }
 
-    /// The averages; `None` when no time is covered.
-    fn values(&self) -> Option<MetricValues> {
-        (self.micros > 0.0).then(|| MetricValues {
-            concurrency: self.concurrency_micros / self.micros,
-            rps: self.requests * MICROS_PER_SECOND / self.micros,
-            cpu: self.cpu_micros / self.micros,
-        })
+    fn add(&mut self, other: &Integral) {
+        self.concurrency_micros += other.concurrency_micros;
+        self.requests += other.requests;
+        self.cpu_micros += other.cpu_micros;
     }
-}
 
-/// The rates of one sample on its own.
-fn values_of(s: &Sample) -> MetricValues {
-    let mut sums = Sums::default();
-    sums.add(s);
-    sums.values().unwrap_or_default()
+    /// The average rates over `span` µs.
+    fn over(&self, span: i64) -> MetricValues {
+        let span = span.max(1) as f64;
+        MetricValues {
+            concurrency: self.concurrency_micros / span,
+            rps: self.requests * MICROS_PER_SECOND / span,
+            cpu: self.cpu_micros / span,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,30 +283,30 @@ impl Instance {
         }
     }
 
-    /// This instance's (stable, panic) values at `now`.
-    fn values(&self, now: i64, spans: Spans, state: State) -> (MetricValues, MetricValues) {
-        let mut stable = Sums::default();
-        let mut panic = Sums::default();
+    /// This instance's (stable, panic) integrals over the windows ending at
+    /// `now`. Unless it is gone, the time since its newest report is filled
+    /// at that report's rates: a report not yet due (or overdue, while late)
+    /// is not a drop in load.
+    fn integrals(&self, now: i64, spans: Spans, state: State) -> (Integral, Integral) {
+        let mut stable = Integral::default();
+        let mut panic = Integral::default();
+        let (stable_from, panic_from) = (now.saturating_sub(spans.stable), now.saturating_sub(spans.panic));
         for s in self.samples.iter().rev() {
             if s.at > now {
                 continue; // from the future (clock skew): not in a window ending now
             }
-            let age = now - s.at;
-            if age >= spans.stable {
+            if s.at <= stable_from {
                 break;
             }
-            stable.add(s);
-            if age < spans.panic {
-                panic.add(s);
-            }
+            stable.add_after(s, stable_from);
+            panic.add_after(s, panic_from);
         }
-        if state == State::Late {
+        if state != State::Gone {
             let gap = now.saturating_sub(self.newest.at);
             stable.carry(&self.newest, gap.min(spans.stable));
             panic.carry(&self.newest, gap.min(spans.panic));
         }
-        let newest = values_of(&self.newest);
-        (stable.values().unwrap_or(newest), panic.values().unwrap_or(newest))
+        (stable, panic)
     }
 }
 
@@ -314,7 +315,9 @@ impl Instance {
 pub struct LoadWindows {
     instances: HashMap<String, Instance>,
     spans: Spans,
-    observed: bool,
+    /// Where the first report recorded began: windows reaching further back
+    /// are measured from here, not padded with load nobody measured.
+    first_start: Option<i64>,
 }
 
 impl LoadWindows {
@@ -322,7 +325,7 @@ impl LoadWindows {
         LoadWindows {
             instances: HashMap::new(),
             spans: Spans::of(policy),
-            observed: false,
+            first_start: None,
         }
     }
 
@@ -337,7 +340,8 @@ impl LoadWindows {
         let Some(sample) = Sample::of(obs) else {
             return;
         };
-        self.observed = true;
+        let start = sample.at.saturating_sub(sample.window);
+        self.first_start = Some(self.first_start.map_or(start, |first| first.min(start)));
         match self.instances.get_mut(obs.instance) {
             Some(instance) => instance.record(sample, self.spans.stable),
             None => {
@@ -348,7 +352,7 @@ impl LoadWindows {
 
     /// True once any report has been recorded.
     pub fn observed(&self) -> bool {
-        self.observed
+        self.first_start.is_some()
     }
 
     /// Instances known (reporting, late or gone but not yet forgotten).
@@ -362,22 +366,23 @@ impl LoadWindows {
         let spans = self.spans;
         let horizon = now.saturating_sub(spans.stable);
         let mut load = Load::default();
+        let (mut stable, mut panic) = (Integral::default(), Integral::default());
         self.instances.retain(|_, instance| {
             let state = instance.state(now, spans.timeout);
-            if state == State::Gone {
-                load.gone += 1;
-                return instance.newest.at > horizon;
+            let (s, p) = instance.integrals(now, spans, state);
+            stable.add(&s);
+            panic.add(&p);
+            match state {
+                State::Gone => load.gone += 1,
+                State::Late => load.late += 1,
+                State::Reporting => load.reporting += 1,
             }
             instance.prune(horizon);
-            let (stable, panic) = instance.values(now, spans, state);
-            load.stable.add(stable);
-            load.panic.add(panic);
-            match state {
-                State::Late => load.late += 1,
-                _ => load.reporting += 1,
-            }
-            true
+            state != State::Gone || instance.newest.at > horizon
         });
+        let measured = now.saturating_sub(self.first_start.unwrap_or(now));
+        load.stable = stable.over(spans.stable.min(measured));
+        load.panic = panic.over(spans.panic.min(measured));
         load
     }
 }

@@ -55,7 +55,11 @@ async fn a_group_resumes_from_its_committed_offsets_with_nothing_lost_or_repeate
         }
         let mut assigned = consumer.assigned_partitions().expect("assignment");
         assigned.sort_unstable();
-        assert_eq!(assigned, [0, 1, 2], "the only member of the group reads every partition");
+        assert_eq!(
+            assigned,
+            [0, 1, 2],
+            "the only member of the group reads every partition"
+        );
         let offsets: Vec<(i32, i64)> = next.into_iter().collect();
         consumer.commit(&offsets).await.expect("commit");
     } // the consumer leaves the group here

@@ -4,7 +4,12 @@
 //!
 //! - **When it decides.** On every batch that arrives, for that batch's
 //!   service, and on a short tick for every service this member owns, so
-//!   that silence (instances gone, load fallen to zero) is noticed too.
+//!   that silence (instances gone, load fallen to zero) is noticed too. A
+//!   service with hundreds of instances sends thousands of batches a second:
+//!   within [`MIN_DECISION_GAP`] of its last decision a batch only marks its
+//!   service, which is then decided on the next [`QUICK_TICK`]. A load step
+//!   is acted on at most that much later, and a decision costs one pass over
+//!   the service's windows however many batches arrive.
 //! - **What it publishes.** A decision whenever the replica count or the mode
 //!   changes, and the first decision of a service it has not seen decided.
 //! - **Who owns a service.** The member whose assignment holds the
@@ -45,6 +50,10 @@ use crate::scaling_config::ScalingConfig;
 
 /// How often every owned service is decided even without new batches.
 pub const TICK: Duration = Duration::from_millis(500);
+/// Shortest time between two decisions of one service on batch arrival.
+pub const MIN_DECISION_GAP: Duration = Duration::from_millis(50);
+/// How often services marked by batches that came within the gap are decided.
+pub const QUICK_TICK: Duration = MIN_DECISION_GAP;
 /// How often consumed offsets are committed to the group.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -120,6 +129,10 @@ impl AutoscalerTelemetry {
 struct Service {
     scaler: ServiceScaler,
     partition: i32,
+    /// When it was last decided, µs since the epoch.
+    decided_at: i64,
+    /// Batches arrived since the last decision.
+    dirty: bool,
     published: Option<(u32, String)>,
     desired: Gauge,
     reporting: Gauge,
@@ -173,6 +186,8 @@ impl Autoscaler {
     pub async fn run(mut self, mut shutdown: Shutdown) -> Result<(), AutoscalerError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quick = tokio::time::interval(QUICK_TICK);
+        quick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commit = tokio::time::interval(COMMIT_INTERVAL);
         commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -180,8 +195,9 @@ impl Autoscaler {
                 record = self.consumer.recv() => self.on_record(record?).await?,
                 _ = tick.tick() => {
                     self.reload_if_changed();
-                    self.decide_owned().await?;
+                    self.decide_owned(false).await?;
                 }
+                _ = quick.tick() => self.decide_owned(true).await?,
                 _ = commit.tick() => self.commit().await?,
                 () = shutdown.wait() => break,
             }
@@ -209,8 +225,21 @@ impl Autoscaler {
         self.telemetry.batches.inc();
         let service = self.service(&batch.service, record.partition, now);
         service.scaler.observe(&observation(&batch, stored_at));
+        if now.saturating_sub(service.decided_at) < micros(MIN_DECISION_GAP) {
+            service.dirty = true;
+            return Ok(());
+        }
+        self.decide(&batch.service, now).await
+    }
+
+    async fn decide(&mut self, name: &str, now: i64) -> Result<(), AutoscalerError> {
+        let Some(service) = self.services.get_mut(name) else {
+            return Ok(());
+        };
+        service.decided_at = now;
+        service.dirty = false;
         let decision = service.scaler.decide(now);
-        self.publish(&batch.service, decision, now).await
+        self.publish(name, decision, now).await
     }
 
     /// The service's state, created on its first batch, resuming from the
@@ -229,6 +258,8 @@ impl Autoscaler {
             Service {
                 scaler,
                 partition,
+                decided_at: i64::MIN,
+                dirty: false,
                 published: resumed.map(|d| (d.desired_replicas, explanation_mode(&d))),
                 desired: telemetry.desired_replicas.get_or_create(&label).clone(),
                 reporting: telemetry.instances_reporting.get_or_create(&label).clone(),
@@ -239,21 +270,22 @@ impl Autoscaler {
         service
     }
 
-    /// Decides every service whose partition this member holds now.
-    async fn decide_owned(&mut self) -> Result<(), AutoscalerError> {
+    /// Decides every service whose partition this member holds now, or
+    /// with `only_dirty` those of them that batches marked.
+    async fn decide_owned(&mut self, only_dirty: bool) -> Result<(), AutoscalerError> {
+        if only_dirty && !self.services.values().any(|s| s.dirty) {
+            return Ok(());
+        }
         let owned = self.consumer.assigned_partitions()?;
         let now = now_micros();
         let names: Vec<String> = self
             .services
             .iter()
-            .filter(|(_, s)| owned.contains(&s.partition))
+            .filter(|(_, s)| owned.contains(&s.partition) && (s.dirty || !only_dirty))
             .map(|(name, _)| name.clone())
             .collect();
         for name in names {
-            if let Some(service) = self.services.get_mut(&name) {
-                let decision = service.scaler.decide(now);
-                self.publish(&name, decision, now).await?;
-            }
+            self.decide(&name, now).await?;
         }
         Ok(())
     }

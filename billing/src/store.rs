@@ -72,6 +72,62 @@ const MIGRATIONS: &[&[&str]] = &[
          SELECT session_id, '', '', MAX(seq) + 1, '', NULL, '', 0 FROM seen_batch GROUP BY session_id",
         "DROP TABLE seen_batch",
     ],
+    // Late usage: batches committed well after their window, kept with both
+    // their event minute and the minute they were stored.
+    &["CREATE TABLE late_usage (
+            tenant TEXT NOT NULL,
+            service TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            minute BIGINT NOT NULL,
+            stored_minute BIGINT NOT NULL,
+            quantity BIGINT NOT NULL,
+            batches BIGINT NOT NULL,
+            PRIMARY KEY (tenant, minute, service, meter, stored_minute)
+        )"],
+    // Subscriptions and invoices. Money and quantities are exact decimal
+    // strings; a finalized invoice and its lines are never written again.
+    &[
+        "CREATE TABLE subscription (
+            tenant TEXT NOT NULL,
+            starts_at BIGINT NOT NULL,
+            plan TEXT NOT NULL,
+            plan_version BIGINT NOT NULL,
+            PRIMARY KEY (tenant, starts_at)
+        )",
+        "CREATE TABLE invoice (
+            id TEXT NOT NULL PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            period_start BIGINT NOT NULL,
+            period_end BIGINT NOT NULL,
+            time_zone TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            plan_version BIGINT NOT NULL,
+            currency TEXT NOT NULL,
+            subtotal TEXT NOT NULL,
+            total TEXT NOT NULL,
+            status TEXT NOT NULL,
+            finalized_at BIGINT,
+            UNIQUE (tenant, period_start)
+        )",
+        "CREATE TABLE invoice_line (
+            invoice_id TEXT NOT NULL,
+            line_no BIGINT NOT NULL,
+            charge TEXT NOT NULL,
+            description TEXT NOT NULL,
+            source TEXT,
+            usage TEXT NOT NULL,
+            quantity TEXT NOT NULL,
+            allowance TEXT NOT NULL,
+            unit_price TEXT,
+            tiers TEXT NOT NULL,
+            amount TEXT NOT NULL,
+            usage_from BIGINT,
+            usage_to BIGINT,
+            batches BIGINT NOT NULL,
+            corrects_period_start BIGINT,
+            PRIMARY KEY (invoice_id, line_no)
+        )",
+    ],
 ];
 
 /// One row of rolled-up usage.

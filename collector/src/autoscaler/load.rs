@@ -2,33 +2,58 @@
 //! every instance's reports.
 //!
 //! Each sidecar report closes a window of length `d` at time `at` and says
-//! how busy the instance was in it. Per instance we keep the reports of the
-//! last stable window in a ring, sorted by `at`. For a window `W` ending at
-//! `now`, an instance's value is the duration-weighted average over its
-//! samples with `at` in `(now - W, now]`:
+//! how busy the instance was over `(at - d, at]`: a rate per metric, held
+//! for that interval. Per instance we keep the reports of the last stable
+//! window in a ring, sorted by `at`.
 //!
-//! - concurrency `= Σ(c·d) / Σd` (requests in flight, time-weighted),
-//! - rps `= Σrequests / Σd` (with `d` in seconds),
-//! - cpu `= Σcpu / Σd` (cores: CPU time per unit of wall time).
+//! The service's load over a window `W` ending at `now` is an integral, not
+//! a sum of averages:
 //!
-//! The service's load is the sum over instances. Every instance is counted,
-//! not a sample of them (Knative's KPA scrapes a subset of pods and
-//! extrapolates), so the total is exact up to the reports' own precision.
+//! ```text
+//! load_W(now) = ( Σ over every instance, gone ones included, of each
+//!                 report's rate × |(at - d, at] ∩ (now - W, now]|
+//!               + Σ over every instance not gone, its newest report's rate
+//!                 × min(W, now - newest.at) )
+//!             ÷ min(W, now - first_start)
+//! ```
 //!
-//! A report's state at `now` follows from its newest report, `age = now - at`:
+//! - concurrency: `c × covered µs` (time-weighted requests in flight);
+//! - rps: `requests × covered / d` (a report's requests spread evenly over
+//!   its interval), per second of the divisor;
+//! - cpu: `cpu × covered / d`, giving cores (CPU time per wall time).
+//!
+//! A report that straddles `now - W` counts for its part inside the window;
+//! one ending exactly at `now - W` is out. `first_start` is the start
+//! `at - d` of the first report recorded for the service (reports dropped
+//! as too old do not count): a window reaching back before it is divided
+//! by the time actually measured, so a young service does not read low.
+//!
+//! Why integrals: averages per instance do not add up when instances come
+//! and go. After a scale-down, the remaining instances' averages cover a
+//! period when the load was spread over more instances, so their sum reads
+//! low (27 of 36.4 in the simulator) and the count cycles. The integral of
+//! the total is the sum of the instances' integrals whatever the count did.
+//! A consequence: time nobody reported for (a report lost, or an instance
+//! gone before its replacement reported) counts as no load, and a late
+//! report that fills it in raises the total.
+//!
+//! Every instance is counted, not a sample of them (Knative's KPA scrapes a
+//! subset of pods and extrapolates), so the total is exact up to the
+//! reports' own precision.
+//!
+//! An instance's state at `now` follows from its newest report, `age = now - at`:
 //!
 //! - *reporting*: `age <= late_after = max(2 × its last window, 1s)`;
-//! - *late*: older than that but `age <= instance_timeout`. Its newest
-//!   report's rates are carried forward over the gap `(at, now]` (capped at the
-//!   window), as if it had kept reporting them, so an overdue report never
-//!   looks like a drop in load;
-//! - *gone*: older than `instance_timeout`. Left out of the load and counted
-//!   as gone until its newest report leaves the stable window; then it is
-//!   forgotten.
+//! - *late*: older than that but `age <= instance_timeout`;
+//! - *gone*: older than `instance_timeout`. Counted as gone until its newest
+//!   report leaves the stable window; then it is forgotten.
 //!
-//! An instance that is not gone but has no report inside a (short) window
-//! counts with its newest report's values: the window is shorter than the
-//! instance's report interval, and "no report yet" is not "no load".
+//! For a reporting or late instance the newest report's rates are carried
+//! forward over `(at, now]` (capped at the window), as if it had kept
+//! reporting them: a report not yet due, or overdue, is not a drop in load
+//! (and turning late changes no number). A gone instance is not carried: its
+//! reports inside the window still count (that load happened), the time
+//! since its last report does not.
 //!
 //! Each report must be recorded once: deduplication on `(session, seq)` is
 //! the caller's (the usage log's consumers do it).
@@ -91,12 +116,6 @@ impl MetricValues {
     /// True when every metric is exactly 0: nothing at all happened.
     pub fn is_zero(&self) -> bool {
         self.concurrency == 0.0 && self.rps == 0.0 && self.cpu == 0.0
-    }
-
-    fn add(&mut self, other: MetricValues) {
-        self.concurrency += other.concurrency;
-        self.rps += other.rps;
-        self.cpu += other.cpu;
     }
 }
 
@@ -240,12 +259,13 @@ impl Instance {
         }
     }
 
-    fn record(&mut self, sample: Sample, stable: i64) {
+    /// Places `sample`; false when it is dropped as too old to matter.
+    fn record(&mut self, sample: Sample, stable: i64) -> bool {
         if sample.at > self.newest.at {
             self.newest = sample;
         } else if sample.at <= self.newest.at.saturating_sub(stable) {
             // Too old for any window that ends at or after the newest report.
-            return;
+            return false;
         }
         // Reports arrive in order almost always: scan back from the newest.
         let pos = self
@@ -258,6 +278,7 @@ impl Instance {
             self.samples.pop_front();
         }
         self.prune(self.newest.at.saturating_sub(stable));
+        true
     }
 
     /// Drops samples with `at <= horizon`.
@@ -310,7 +331,7 @@ impl Instance {
     }
 }
 
-/// The reports of one service's instances, and the sums over them.
+/// The reports of one service's instances, and the integrals over them.
 #[derive(Debug)]
 pub struct LoadWindows {
     instances: HashMap<String, Instance>,
@@ -340,13 +361,18 @@ impl LoadWindows {
         let Some(sample) = Sample::of(obs) else {
             return;
         };
-        let start = sample.at.saturating_sub(sample.window);
-        self.first_start = Some(self.first_start.map_or(start, |first| first.min(start)));
-        match self.instances.get_mut(obs.instance) {
+        let kept = match self.instances.get_mut(obs.instance) {
             Some(instance) => instance.record(sample, self.spans.stable),
             None => {
                 self.instances.insert(obs.instance.to_owned(), Instance::new(sample));
+                true
             }
+        };
+        // A report dropped as too old adds no load, so it must not stretch
+        // the measured time either (that would dilute every total).
+        if kept {
+            let start = sample.at.saturating_sub(sample.window);
+            self.first_start = Some(self.first_start.map_or(start, |first| first.min(start)));
         }
     }
 
@@ -421,20 +447,21 @@ mod tests {
     }
 
     #[test]
-    fn duration_weighted_averages_per_metric() {
+    fn integrals_per_metric_over_the_measured_time() {
         let mut windows = LoadWindows::new(&policy(60, 6, 10));
-        // A 1 s report at concurrency 2 and a 3 s report at concurrency 6:
-        // (2·1 + 6·3) / 4 = 5. Requests 10 + 30 over 4 s = 10/s. CPU 0.5 s +
-        // 2.5 s over 4 s = 0.75 cores.
+        // a: (9, 10] at concurrency 2 and (10, 13] at concurrency 6;
+        // b: (9, 13] at 1. Reports began at 9 s, so at 13 s the 60 s window
+        // is measured over min(60, 13 - 9) = 4 s.
+        // Concurrency (2·1 + 6·3 + 1·4) / 4 = 6. Requests (10 + 30 + 16) /
+        // 4 s = 14/s. CPU (0.5 + 2.5 + 1) s / 4 s = 1 core.
         windows.record(&obs("a", 10 * SECOND, SECOND, 2.0, 10, 500_000));
         windows.record(&obs("a", 13 * SECOND, 3 * SECOND, 6.0, 30, 2_500_000));
-        // A second instance adds to the total: 1 in flight, 4/s, 0.25 cores.
         windows.record(&obs("b", 13 * SECOND, 4 * SECOND, 1.0, 16, 1_000_000));
         let load = windows.evaluate(13 * SECOND);
         assert!(close(load.stable.concurrency, 6.0), "{load:?}");
         assert!(close(load.stable.rps, 14.0), "{load:?}");
         assert!(close(load.stable.cpu, 1.0), "{load:?}");
-        // The panic window (7 s, 13 s] holds the same reports.
+        // The panic window (7 s, 13 s] is also measured over (9, 13].
         assert_eq!(load.panic, load.stable);
         assert_eq!((load.reporting, load.late, load.gone), (2, 0, 0));
     }
@@ -447,13 +474,19 @@ mod tests {
             windows.record(&obs("a", t * SECOND, SECOND, t as f64, 0, 0));
         }
         let load = windows.evaluate(20 * SECOND);
-        // Stable (10, 20]: 11..=20, mean 15.5. Panic (18, 20]: 19, 20.
+        // Stable (10, 20]: the reports ending at 11..=20, (11 + ... + 20) / 10
+        // = 155 / 10 = 15.5; the one ending at 10 = now - W adds nothing.
+        // Panic (18, 20]: (19 + 20) / 2 = 19.5.
         assert!(close(load.stable.concurrency, 15.5), "{load:?}");
         assert!(close(load.panic.concurrency, 19.5), "{load:?}");
-        // A report ending exactly at now - W is out of the window.
+        // Half a second later the windows cut reports by time: stable
+        // (10.5, 20.5] takes the second half of (10, 11] (0.5 × 11 = 5.5),
+        // 12..=20 whole (144) and 0.5 s carried at 20 (10): 159.5 / 10 =
+        // 15.95. Panic (18.5, 20.5]: 0.5 × 19 + 20 + 0.5 × 20 = 39.5, / 2 =
+        // 19.75.
         let load = windows.evaluate(20 * SECOND + 500 * MS);
-        assert!(close(load.stable.concurrency, 15.5), "{load:?}");
-        assert!(close(load.panic.concurrency, 19.5), "{load:?}");
+        assert!(close(load.stable.concurrency, 15.95), "{load:?}");
+        assert!(close(load.panic.concurrency, 19.75), "{load:?}");
     }
 
     #[test]
@@ -465,8 +498,11 @@ mod tests {
         // Older than the stable window before the newest: dropped at once.
         windows.record(&obs("a", 5 * SECOND, SECOND, 100.0, 0, 0));
         let load = windows.evaluate(20 * SECOND);
+        // Kept reports cover (17, 20]: (1 + 7 + 4) / 3 = 4. The dropped one
+        // does not stretch the measured time back to 4 s (which would
+        // read 12 / 10 = 1.2).
         assert!(close(load.stable.concurrency, 4.0), "{load:?}");
-        // Panic (18, 20]: 19 and 20 → 5.5.
+        // Panic (18, 20]: (7 + 4) / 2 = 5.5.
         assert!(close(load.panic.concurrency, 5.5), "{load:?}");
         assert_eq!(load.reporting, 1);
     }
@@ -477,11 +513,13 @@ mod tests {
         for t in 1..=10 {
             windows.record(&obs("a", t * SECOND, SECOND, 3.0, 20, 0));
         }
-        // Within 2 × 1 s the instance is reporting and its values stand as they are.
+        // Within 2 × 1 s the instance is reporting; the 2 s since its newest
+        // report are carried at its rates. Stable (2, 12]: 8 s + 2 s at 3.
         let load = windows.evaluate(12 * SECOND);
         assert_eq!((load.reporting, load.late), (1, 0));
         assert!(close(load.stable.concurrency, 3.0), "{load:?}");
-        // Panic (10, 12] holds no report: the newest report's values stand in.
+        // Panic (10, 12] holds no report: all carried, 3 in flight and
+        // 20 requests per 1 s report → 40 requests / 2 s = 20/s.
         assert!(close(load.panic.concurrency, 3.0), "{load:?}");
         assert!(close(load.panic.rps, 20.0), "{load:?}");
         // 5 s silent: late. Stable (5, 15]: 5 real seconds + 5 carried at 3.0.
@@ -499,38 +537,68 @@ mod tests {
             windows.record(&obs("a", t * SECOND, SECOND, 1.0, 0, 0));
         }
         windows.record(&obs("a", 10 * SECOND, 2 * SECOND, 5.0, 0, 0));
-        // At 14 s (late_after = 4 s, age 4 s): still reporting.
+        // At 14 s (late_after = 4 s, age 4 s): still reporting, and carried
+        // all the same. Stable (4, 14]: 5..=8 (4 s at 1), (8, 10] (2 s at 5),
+        // (10, 14] carried at 5 (4 s): (4 + 10 + 20) / 10 = 3.4.
         let load = windows.evaluate(14 * SECOND);
         assert_eq!(load.reporting, 1);
-        // Stable (4, 14]: 5..=8 at 1 for 1 s each, 10 at 5 for 2 s: 14 / 6.
-        assert!(close(load.stable.concurrency, 14.0 / 6.0), "{load:?}");
-        // At 15 s: late. (5, 15]: 6..=8 (3 s at 1), 10 (2 s at 5), 5 s carried at 5.
+        assert!(close(load.stable.concurrency, (4.0 + 10.0 + 20.0) / 10.0), "{load:?}");
+        // At 15 s: late. (5, 15]: 6..=8 (3 s at 1), 10 (2 s at 5), 5 s carried
+        // at 5. Turning late changes nothing but the count: no jump.
         let load = windows.evaluate(15 * SECOND);
         assert_eq!(load.late, 1);
         assert!(close(load.stable.concurrency, (3.0 + 10.0 + 25.0) / 10.0), "{load:?}");
+        // The newest report: 8 requests in 2 s. 5 s carried is 20 requests;
+        // the earlier reports had none: 20 / 10 s = 2/s.
+        windows.record(&obs("a", 16 * SECOND, 2 * SECOND, 5.0, 8, 0));
+        let load = windows.evaluate(19 * SECOND);
+        // (9, 19]: (9, 10] of the 2 s report at 5 with 0 requests, the gap
+        // (10, 14] nobody reported (0), (14, 16] at 5 with 8 requests, and
+        // (16, 19] carried: 3 s at 5, 8 × 3 / 2 = 12 requests.
+        // Concurrency (5 + 10 + 15) / 10 = 3; rps (8 + 12) / 10 = 2.
+        assert!(close(load.stable.concurrency, 3.0), "{load:?}");
+        assert!(close(load.stable.rps, 2.0), "{load:?}");
     }
 
     #[test]
-    fn gone_instances_are_left_out_then_forgotten() {
+    fn gone_instances_keep_their_past_then_are_forgotten() {
         let mut windows = LoadWindows::new(&policy(10, 2, 5));
-        windows.record(&obs("a", 10 * SECOND, SECOND, 3.0, 0, 0));
-        windows.record(&obs("b", 10 * SECOND, SECOND, 4.0, 0, 0));
-        windows.record(&obs("b", 16 * SECOND, SECOND, 4.0, 0, 0));
+        // a reports (t - 1, t] at 3 for t in 1..=10 and stops; b reports at 4
+        // until 16 s.
+        for t in 1..=10 {
+            windows.record(&obs("a", t * SECOND, SECOND, 3.0, 0, 0));
+        }
+        for t in 1..=16 {
+            windows.record(&obs("b", t * SECOND, SECOND, 4.0, 0, 0));
+        }
         let load = windows.evaluate(16 * SECOND);
         assert_eq!((load.reporting, load.late, load.gone), (1, 0, 1));
-        assert!(close(load.stable.concurrency, 4.0), "{load:?}");
+        // Stable (6, 16]: a's reports in (6, 10] count (4 s at 3 = 12) and
+        // nothing is carried after its last one (a late a would add 6 s at
+        // 3); b gives 10 s at 4 = 40: 52 / 10 = 5.2.
+        assert!(close(load.stable.concurrency, 5.2), "{load:?}");
+        // Panic (14, 16]: b alone, 4.
+        assert!(close(load.panic.concurrency, 4.0), "{load:?}");
         assert_eq!(windows.instances(), 2);
-        // At 20 s, a's newest (10 s) is on the stable window's edge: counted, then forgotten.
+        // At 20 s, a's newest (10 s) is on the stable window's edge: counted
+        // as gone, adds nothing (its reports end by 10), then forgotten. b is
+        // late (age 4 s > 2 s) and carried: (10, 16] 6 s + 4 s carried at 4
+        // = 40, / 10 = 4.
         let load = windows.evaluate(20 * SECOND);
-        assert_eq!(load.gone, 1);
+        assert_eq!((load.late, load.gone), (1, 1));
+        assert!(close(load.stable.concurrency, 4.0), "{load:?}");
         assert_eq!(windows.instances(), 1);
         let load = windows.evaluate(20 * SECOND);
         assert_eq!(load.gone, 0);
-        // b comes back to life after being gone: reporting again.
+        // b comes back to life after being gone: reporting again. Stable
+        // (20, 30] holds only (29, 30] at 2 (its reports up to 16 s are out,
+        // and the time it was gone is not carried): 2 / 10 = 0.2. Panic
+        // (28, 30]: 2 / 2 = 1.
         windows.record(&obs("b", 30 * SECOND, SECOND, 2.0, 0, 0));
         let load = windows.evaluate(30 * SECOND);
         assert_eq!((load.reporting, load.gone), (1, 0));
-        assert!(close(load.stable.concurrency, 2.0), "{load:?}");
+        assert!(close(load.stable.concurrency, 0.2), "{load:?}");
+        assert!(close(load.panic.concurrency, 1.0), "{load:?}");
     }
 
     #[test]

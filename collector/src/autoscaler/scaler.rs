@@ -904,8 +904,8 @@ mod tests {
             "stable: 21.0 concurrency over 60s needs 3 at 7.0/instance (10 x 0.70); 3 reporting; stays 3"
         );
 
-        // Load 50 for half the stable window: (30, 60] at 7 and (60, 90] at
-        // 50/3 per instance average to 35.5, ceil(35.5 / 7) = 6; the panic
+        // Load 50 for half the stable window: (30, 60] at 21 in all and
+        // (60, 90] at 50: (30 × 21 + 30 × 50) / 60 = 35.5, ceil(35.5 / 7) = 6; the panic
         // window asks 8, only 8/3 < 3 times the capacity.
         feed(&mut s, &ABC, at(60), at(90), conc(50.0 / 3.0));
         let d = s.decide(at(90));
@@ -936,7 +936,7 @@ mod tests {
         let e = &d.explanation;
         assert_eq!((d.desired, e.mode, e.bound_by), (8, Mode::Panic, Bound::None));
         assert!(close(e.panic_window_load, 56.0), "{e:?}");
-        // Stable (6, 66]: per instance (216 × 7 + 24 × 28) / 240 = 9.1.
+        // Stable (6, 66]: (54 s × 14 + 6 s × 56) / 60 s = 18.2.
         assert!(close(e.stable_window_load, 18.2), "{e:?}");
         assert_eq!(e.metrics[0].desired_replicas, 8);
         assert!(
@@ -1059,10 +1059,12 @@ mod tests {
         let d = s.decide(at(61));
         assert_eq!((d.desired, d.explanation.bound_by), (2, Bound::MaxScaleUpRate));
         assert_eq!(d.explanation.instances_starting, 1);
-        // Once it reports, ceil(2 × 2) = 4.
+        // Once it reports, ceil(2 × 2) = 4. The panic window (56, 62] holds
+        // a's 6 s and b's first 1 s at 70: 490 / 6 ≈ 81.7, ceil(81.7 / 7) =
+        // 12, still far above the limit.
         feed(&mut s, &["a", "b"], at(61), at(62), conc(70.0));
         let d = s.decide(at(62));
-        assert_eq!((d.desired, d.previous, d.explanation.unbounded_replicas), (4, 2, 20));
+        assert_eq!((d.desired, d.previous, d.explanation.unbounded_replicas), (4, 2, 12));
         assert_eq!(d.explanation.bound_by, Bound::MaxScaleUpRate);
     }
 
@@ -1135,8 +1137,10 @@ mod tests {
         });
         let d = s.decide(at(170));
         assert_eq!((d.desired, d.previous, d.explanation.unbounded_replicas), (1, 0, 0));
-        // The grace starts again once the load is exactly 0 again: b's
-        // 3 requests count until b is gone (silent > 10 s, at 181 s).
+        // The grace starts again once the load is exactly 0 again. b's
+        // 3 requests in (169, 170] count until that report leaves the stable
+        // window at 230 s, even though b is gone (silent > 10 s) from 181 s:
+        // a gone instance's past reports stay in the integral.
         let d = s.decide(at(171));
         assert_eq!((d.desired, d.explanation.bound_by), (1, Bound::ScaleToZeroGrace));
         assert!(close(d.explanation.metrics[0].stable_window_load, 0.0));
@@ -1145,8 +1149,15 @@ mod tests {
             (d.explanation.instances_gone, d.explanation.instances_reporting),
             (2, 0)
         );
-        assert_eq!(s.decide(at(211)).desired, 1);
-        assert_eq!(s.decide(at(212)).desired, 0);
+        assert_eq!((d.desired, d.explanation.bound_by), (1, Bound::ScaleToZeroGrace));
+        // (169, 229]: 3 requests / 60 s = 0.05/s, not 0 yet.
+        let d = s.decide(at(229));
+        assert_eq!((d.desired, d.explanation.bound_by), (1, Bound::ScaleToZeroGrace));
+        assert!(d.explanation.metrics[0].stable_window_load == 0.0);
+        // (170, 230] is exactly 0: the grace runs from here, 30 s.
+        assert_eq!(s.decide(at(230)).desired, 1);
+        assert_eq!(s.decide(at(259)).desired, 1);
+        assert_eq!(s.decide(at(260)).desired, 0);
     }
 
     #[test]
@@ -1188,11 +1199,13 @@ mod tests {
         );
         assert!(e.summary.contains("2 reporting, 1 late"), "{}", e.summary);
 
-        // 7 s silent > 5 s: gone, left out. (7, 17]: a, b 12 × 7 / 40 = 2.1 each.
+        // 7 s silent > 5 s: gone, no longer carried; its reports in the
+        // window still count. (7, 17]: a, b and c each 3 s at 7 in (7, 10],
+        // then a, b idle: 3 × 21 / 10 = 6.3 (carrying c would give 13.3).
         feed(&mut s, &["a", "b"], at(15), at(17), conc(0.0));
         let d = s.decide(at(17));
         let e = &d.explanation;
-        assert!(close(e.stable_window_load, 4.2), "{e:?}");
+        assert!(close(e.stable_window_load, 6.3), "{e:?}");
         assert_eq!((e.instances_reporting, e.instances_late, e.instances_gone), (2, 0, 1));
         assert_eq!((d.desired, e.bound_by), (1, Bound::None));
         // Counted gone until its last report leaves the stable window, then forgotten.
@@ -1327,7 +1340,8 @@ mod tests {
             "#,
         );
         let mut s = ServiceScaler::new(p, 0);
-        // One instance, one 1 s report per second; the stable window averages the last 4.
+        // One instance, one 1 s report per second; the stable load is the
+        // integral over the last 4 s, / 4.
         let mut report = |t: i64, concurrency: f64| {
             s.observe(&Observation {
                 instance: "a",
@@ -1405,10 +1419,18 @@ mod tests {
         feed(&mut s, &["a"], at(58), at(60), conc(7.0));
         let d = s.decide(at(60));
         assert_eq!(d.desired, 1);
-        assert!(close(d.explanation.stable_window_load, 7.0));
+        // The missing second reads as no load until its reports arrive:
+        // 59 s × 7 / 60 s.
+        assert!(
+            close(d.explanation.stable_window_load, 413.0 / 60.0),
+            "{:?}",
+            d.explanation
+        );
         feed(&mut s, &["a"], at(57), at(58), conc(21.0));
         let d = s.decide(at(60));
-        // (236 × 7 + 4 × 21) / 240 and (20 × 7 + 4 × 21) / 24.
+        // Filled in, exactly as if in order: (57 × 7 + 1 × 21 + 2 × 7) / 60 =
+        // 434 / 60 = 1736 / 240; the 6 s panic window (54, 60]: (3 × 7 +
+        // 21 + 2 × 7) / 6 = 56 / 6 = 224 / 24.
         assert!(
             close(d.explanation.stable_window_load, 1736.0 / 240.0),
             "{:?}",

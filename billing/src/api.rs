@@ -4,15 +4,19 @@
 //!   [&window=minute|hour|day|month][&group_by=service]`: the tenant's usage
 //!   per window in `[from, to)` with totals per meter, as JSON, or as CSV
 //!   with `Accept: text/csv`;
-//! - `GET /v1/gaps`: sessions with missing batches.
+//! - `GET /v1/gaps`: sessions with missing batches (admin tokens only).
 //!
-//! A bad parameter gets `400` and `{"error": ..., "parameter": ...}`.
+//! Callers are recognized by bearer token (see [`crate::auth`]): a tenant
+//! token reads its own tenant only. A bad parameter gets `400` and
+//! `{"error": ..., "parameter": ...}`; a missing or unknown token `401`, a
+//! token reading what it may not `403`, both with `{"error": ...}`.
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Query, State};
+use axum::extract::{FromRef, Query, State};
 use std::fmt::Write as _;
 
+use crate::auth::{Auth, Caller};
 use crate::query::{ParamError, UsageRequest, Window, fold_months, parse_usage_request};
 use crate::store::Store;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -23,22 +27,42 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::json;
 
+/// What the API's handlers share. Handlers take the parts they need
+/// (`State<Store>`, the [`Caller`] extractor via [`Auth`]) through `FromRef`.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub auth: Auth,
+}
+
+impl FromRef<ApiState> for Store {
+    fn from_ref(state: &ApiState) -> Store {
+        state.store.clone()
+    }
+}
+
+impl FromRef<ApiState> for Auth {
+    fn from_ref(state: &ApiState) -> Auth {
+        state.auth.clone()
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    store: Store,
+    state: ApiState,
     mut shutdown: tidemark_runtime::shutdown::Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(store))
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
 }
 
-pub fn router(store: Store) -> Router {
+pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/gaps", get(gaps))
-        .with_state(store)
+        .with_state(state)
 }
 
 /// An error answered as JSON.
@@ -50,6 +74,37 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with `status`, naming no parameter.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            parameter: None,
+        }
+    }
+
+    /// A `400` naming the refused `parameter`.
+    pub fn bad_parameter(parameter: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            parameter: Some(parameter),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The refused parameter, for a `400`.
+    pub fn parameter(&self) -> Option<&'static str> {
+        self.parameter
+    }
+
     /// A store failure: logged in full, answered without details.
     fn internal(what: &'static str, error: &dyn std::fmt::Display) -> ApiError {
         tracing::error!(%error, "{what} failed");
@@ -67,7 +122,13 @@ impl IntoResponse for ApiError {
             Some(p) => json!({ "error": self.message, "parameter": p }),
             None => json!({ "error": self.message }),
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -117,11 +178,13 @@ fn wants_csv(headers: &HeaderMap) -> bool {
 }
 
 async fn usage(
+    caller: Caller,
     State(store): State<Store>,
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     let UsageRequest { query: q, window } = parse_usage_request(&params)?;
+    caller.may_read(&q.tenant)?;
     let mut rows = store
         .usage(&q)
         .await
@@ -169,8 +232,10 @@ async fn usage(
 }
 
 /// `GET /v1/gaps`: every session with missing batches, still waited for
-/// (`open`) or declared lost after the grace period (`lost`).
-async fn gaps(State(store): State<Store>) -> Result<Json<serde_json::Value>, ApiError> {
+/// (`open`) or declared lost after the grace period (`lost`). Admin only:
+/// sessions span tenants.
+async fn gaps(caller: Caller, State(store): State<Store>) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
     let sessions = store.gaps().await.map_err(|e| ApiError::internal("gaps query", &e))?;
     let sessions: Vec<_> = sessions
         .into_iter()

@@ -4,9 +4,10 @@
 //! - [`ledger`] reads the log and commits batches, dedupe state and offsets
 //!   in one transaction;
 //! - [`store`] is that database, SQLite or Postgres;
-//! - [`api`] is the HTTP query API.
+//! - [`api`] is the HTTP query API, behind the bearer tokens of [`auth`].
 
 pub mod api;
+pub mod auth;
 pub mod ledger;
 pub mod pricing;
 pub mod query;
@@ -15,9 +16,12 @@ pub mod store;
 pub mod telemetry;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+
+use crate::auth::{ApiTokens, Auth, TokensError};
 use tidemark_runtime::config::duration;
 
 /// The consumer group billing workers share.
@@ -38,4 +42,32 @@ pub struct BillingArgs {
     /// How often the ledger commits what it read.
     #[arg(long, env = "TIDEMARK_COMMIT_INTERVAL", value_parser = duration, default_value = "1s")]
     pub commit_interval: Duration,
+
+    /// TOML file of API bearer tokens with scopes (`admin` or `tenant:NAME`), for HTTP and gRPC;
+    /// without it every caller is admin (local use only).
+    #[arg(long, env = "TIDEMARK_API_TOKENS")]
+    pub api_tokens: Option<PathBuf>,
+
+    /// Address of the billing gRPC service (tidemark.v1.Billing).
+    #[arg(long, env = "TIDEMARK_GRPC_LISTEN", default_value = "127.0.0.1:7412")]
+    pub grpc_listen: SocketAddr,
+}
+
+impl BillingArgs {
+    /// Who may read what, with the `--api-tokens` file read.
+    pub fn api_auth(&self) -> Result<Auth, TokensError> {
+        match &self.api_tokens {
+            Some(path) => {
+                let tokens = ApiTokens::load(path)?;
+                tracing::info!(tokens = tokens.len(), file = %path.display(), "billing API tokens loaded");
+                Ok(Auth::with_tokens(tokens))
+            }
+            None => {
+                tracing::warn!(
+                    "no --api-tokens: every billing API caller is admin and reads every tenant; for local use only"
+                );
+                Ok(Auth::open())
+            }
+        }
+    }
 }

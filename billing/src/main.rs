@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
+use tidemark_billing::api::ApiState;
 use tidemark_billing::ledger::Ledger;
 use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
@@ -44,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     tidemark_runtime::init_logging();
     let shutdown = tidemark_runtime::shutdown::on_signal();
 
+    let auth = args.billing.api_auth().context("cannot start: check --api-tokens")?;
     let store = Store::open(&args.database_url)
         .await
         .context("cannot start: check --database-url")?;
@@ -63,7 +65,11 @@ async fn main() -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
 
-    let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, store, shutdown.clone()));
+    let api_task = tokio::spawn(tidemark_billing::api::serve(
+        api_listener,
+        ApiState { store, auth },
+        shutdown.clone(),
+    ));
     readiness.set(true);
     ledger
         .run(args.billing.commit_interval, shutdown)

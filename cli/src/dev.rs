@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use prometheus_client::registry::Registry;
+use tidemark_billing::api::ApiState;
 use tidemark_billing::ledger::Ledger;
 use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
@@ -53,6 +54,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     }))
     .await?;
     log.ensure_topic(USAGE_TOPIC, USAGE_TOPIC_SPEC).await?;
+    let auth = args.billing.api_auth().context("cannot start: check --api-tokens")?;
     let database = format!("sqlite:{}", args.data_dir.join("billing.db").display());
     let store = Store::open(&database).await?;
 
@@ -75,7 +77,11 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
     let ingest_task = tokio::spawn(collector.serve(ingest_listener, None, shutdown.clone()));
-    let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, store, shutdown.clone()));
+    let api_task = tokio::spawn(tidemark_billing::api::serve(
+        api_listener,
+        ApiState { store, auth },
+        shutdown.clone(),
+    ));
     readiness.set(true);
     tracing::info!(data_dir = %args.data_dir.display(), "tidemark dev is running; Ctrl-C stops it");
 

@@ -10,22 +10,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tidemark_runtime::config::duration;
 use tidemark_runtime::listen::bind;
 use tidemark_runtime::shutdown::Shutdown;
 use tokio::net::TcpListener;
-
-/// How long shutdown waits for open requests to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The body is this text repeated (and cut) to `--response-bytes`.
 const BODY_PATTERN: &[u8] = b"Hello, world!";
@@ -89,40 +83,13 @@ pub async fn run(args: DemoAppArgs, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` fires, then lets open
-/// requests finish (for at most [`DRAIN_TIMEOUT`]).
-pub async fn serve(listener: TcpListener, behavior: Behavior, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new());
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, don't spin.
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => break,
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
+/// requests finish.
+pub async fn serve(listener: TcpListener, behavior: Behavior, shutdown: Shutdown) -> anyhow::Result<()> {
+    crate::http1::serve(listener, shutdown, move || {
         let behavior = behavior.clone();
-        let service = service_fn(move |request| respond(request, behavior.clone()));
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .context("open connections did not finish in time")
+        service_fn(move |request| respond(request, behavior.clone()))
+    })
+    .await
 }
 
 async fn respond(request: Request<Incoming>, behavior: Behavior) -> Result<Response<Full<Bytes>>, Infallible> {

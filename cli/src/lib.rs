@@ -2,5 +2,6 @@
 
 pub mod demo_app;
 pub mod dev;
+pub mod http1;
 pub mod loadgen;
 pub mod simulate;

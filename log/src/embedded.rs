@@ -31,7 +31,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
-use crate::{LogError, Position, Record, TopicSpec, validate_group};
+use crate::{LogError, Position, Record, TopicSpec, Watermarks, validate_group};
 
 const HEADER_LEN: usize = 8;
 const BODY_PREFIX_LEN: usize = 12;
@@ -165,6 +165,22 @@ impl EmbeddedLog {
         let files = self.existing_topic(topic).await?;
         let next = vec![0; files.partitions.len()];
         Ok(EmbeddedConsumer::new(files, next, None))
+    }
+
+    /// Each partition's records, `[0, count)`: only records that are
+    /// synced (acknowledged) count.
+    pub async fn watermarks(&self, topic: &str) -> Result<Vec<Watermarks>, LogError> {
+        let files = self.existing_topic(topic).await?;
+        Ok(files
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(p, part)| Watermarks {
+                partition: partition_id(p),
+                low: 0,
+                high: part.index.read().unwrap_or_else(PoisonError::into_inner).len() as i64,
+            })
+            .collect())
     }
 
     async fn existing_topic(&self, topic: &str) -> Result<Arc<TopicFiles>, LogError> {
@@ -678,6 +694,71 @@ mod tests {
             followed.expect("a reader follows new records").expect("recv").payload,
             "7"
         );
+    }
+
+    #[tokio::test]
+    async fn watermarks_count_records_per_partition_and_a_snapshot_stops_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = crate::Log::Embedded(open(dir.path()).await);
+        let empty = log.watermarks(TOPIC).await.expect("watermarks");
+        assert_eq!(empty.iter().map(|w| (w.low, w.high)).collect::<Vec<_>>(), [(0, 0); 3]);
+        let mut appended = BTreeMap::new();
+        for i in 0..10u32 {
+            let at = log
+                .append(TOPIC, format!("k{}", i % 2).as_bytes(), Bytes::from(i.to_string()))
+                .await
+                .expect("append");
+            *appended.entry(at.partition).or_insert(0) += 1;
+        }
+        let marks = log.watermarks(TOPIC).await.expect("watermarks");
+        assert_eq!(marks.iter().map(|w| w.partition).collect::<Vec<_>>(), [0, 1, 2]);
+        for w in &marks {
+            assert_eq!((w.low, w.high), (0, appended.get(&w.partition).copied().unwrap_or(0)));
+        }
+
+        let mut snapshot = log.snapshot(TOPIC).await.expect("snapshot");
+        // Appended after the snapshot began: left out.
+        log.append(TOPIC, b"k0", Bytes::from_static(b"after"))
+            .await
+            .expect("append");
+        let mut seen = Vec::new();
+        while let Some(record) = snapshot.next().await.expect("next") {
+            seen.push(String::from_utf8(record.payload.to_vec()).expect("utf8"));
+        }
+        seen.sort();
+        let mut want: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        want.sort();
+        assert_eq!(seen, want);
+        assert!(snapshot.next().await.expect("done").is_none(), "stays done");
+
+        // An empty topic is read at once.
+        log.ensure_topic("empty", SPEC).await.expect("topic");
+        let mut empty = log.snapshot("empty").await.expect("snapshot");
+        assert!(empty.next().await.expect("next").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_short_of_its_end_fails_after_the_stall_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = crate::Log::Embedded(open(dir.path()).await);
+        log.append(TOPIC, b"k", Bytes::from_static(b"only"))
+            .await
+            .expect("append");
+        let consumer = log.reader(TOPIC).await.expect("reader");
+        let mut marks = log.watermarks(TOPIC).await.expect("watermarks");
+        for w in &mut marks {
+            if w.high > 0 {
+                w.high += 1; // one record that never comes
+            }
+        }
+        let mut snapshot =
+            crate::Snapshot::new(TOPIC, consumer, marks).with_stall_timeout(std::time::Duration::from_millis(200));
+        assert_eq!(
+            &snapshot.next().await.expect("the one record").expect("some").payload[..],
+            b"only"
+        );
+        let err = snapshot.next().await.expect_err("stalled");
+        assert!(matches!(err, LogError::Stalled { reached: 1, end: 2, .. }), "{err}");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
-use crate::{LogError, Position, Record, TopicSpec, validate_group};
+use crate::{LogError, Position, Record, TopicSpec, Watermarks, validate_group};
 
 /// How long to wait for the brokers at start before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,6 +139,41 @@ impl KafkaLog {
             partition: delivery.partition,
             offset: delivery.offset,
         })
+    }
+
+    /// Each partition's low and high watermarks, asked of its leader.
+    pub async fn watermarks(&self, topic: &str) -> Result<Vec<Watermarks>, LogError> {
+        let producer = self.producer.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let client = producer.client();
+            let metadata = client
+                .fetch_metadata(Some(&topic), Timeout::After(CONNECT_TIMEOUT))
+                .map_err(kafka_err("read topic metadata"))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                return Err(LogError::Kafka {
+                    action: "read topic metadata",
+                    source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
+                });
+            }
+            let mut marks = Vec::with_capacity(partitions.len());
+            for partition in partitions {
+                let (low, high) = client
+                    .fetch_watermarks(&topic, partition, Timeout::After(CONNECT_TIMEOUT))
+                    .map_err(kafka_err("read watermarks"))?;
+                marks.push(Watermarks { partition, low, high });
+            }
+            marks.sort_by_key(|w| w.partition);
+            Ok(marks)
+        })
+        .await
+        .map_err(|_| LogError::Closed)?
     }
 
     pub fn consumer(&self, topic: &str, group: &str) -> Result<KafkaConsumer, LogError> {

@@ -38,6 +38,16 @@ pub struct Position {
     pub offset: i64,
 }
 
+/// Which offsets a partition holds: `[low, high)`. `high` is the offset the
+/// next append gets (Kafka's high-water mark); `low` is the first offset
+/// still held (above 0 once Kafka's retention deleted older records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    pub partition: i32,
+    pub low: i64,
+    pub high: i64,
+}
+
 /// How a topic is created when it does not exist yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TopicSpec {
@@ -74,6 +84,16 @@ pub enum LogError {
     NoGroup(String),
     #[error("the log is closed")]
     Closed,
+    #[error(
+        "topic {topic:?} partition {partition}: no record for {waited_secs}s after offset {reached}, short of its end {end}"
+    )]
+    Stalled {
+        topic: String,
+        partition: i32,
+        reached: i64,
+        end: i64,
+        waited_secs: u64,
+    },
 }
 
 /// Which backend to open, and how.
@@ -133,6 +153,103 @@ impl Log {
             Log::Kafka(log) => Consumer::Kafka(log.reader(topic).await?),
             Log::Embedded(log) => Consumer::Embedded(log.reader(topic).await?),
         })
+    }
+
+    /// The offsets each partition of `topic` holds now, by partition.
+    pub async fn watermarks(&self, topic: &str) -> Result<Vec<Watermarks>, LogError> {
+        match self {
+            Log::Kafka(log) => log.watermarks(topic).await,
+            Log::Embedded(log) => log.watermarks(topic).await,
+        }
+    }
+
+    /// Reads every partition of `topic` from its beginning up to the end it
+    /// has now (its [`Log::watermarks`]), outside any consumer group, and
+    /// then says it is done: for audits such as `tidemark reconcile`.
+    pub async fn snapshot(&self, topic: &str) -> Result<Snapshot, LogError> {
+        let watermarks = self.watermarks(topic).await?;
+        let consumer = self.reader(topic).await?;
+        Ok(Snapshot::new(topic, consumer, watermarks))
+    }
+}
+
+/// How long a [`Snapshot`] waits for the next record of a partition short
+/// of its end before it gives up.
+pub const SNAPSHOT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A whole-topic reader that stops at the watermarks taken when it was
+/// made; records appended later are left out. See [`Log::snapshot`].
+#[derive(Debug)]
+pub struct Snapshot {
+    topic: String,
+    consumer: Consumer,
+    watermarks: Vec<Watermarks>,
+    /// Partitions not read to their end yet: next offset expected, end.
+    remaining: std::collections::BTreeMap<i32, (i64, i64)>,
+    stall: std::time::Duration,
+}
+
+impl Snapshot {
+    fn new(topic: &str, consumer: Consumer, watermarks: Vec<Watermarks>) -> Snapshot {
+        let remaining = watermarks
+            .iter()
+            .filter(|w| w.high > w.low)
+            .map(|w| (w.partition, (w.low, w.high)))
+            .collect();
+        Snapshot {
+            topic: topic.to_owned(),
+            consumer,
+            watermarks,
+            remaining,
+            stall: SNAPSHOT_STALL,
+        }
+    }
+
+    /// How long to wait for a record short of a partition's end (default
+    /// [`SNAPSHOT_STALL`]).
+    pub fn with_stall_timeout(mut self, stall: std::time::Duration) -> Snapshot {
+        self.stall = stall;
+        self
+    }
+
+    /// The watermarks the snapshot reads up to.
+    pub fn watermarks(&self) -> &[Watermarks] {
+        &self.watermarks
+    }
+
+    /// The next record below the watermarks, or `None` once every partition
+    /// has been read to its end. Fails with [`LogError::Stalled`] if no
+    /// record comes for the stall timeout while a partition is short of it.
+    pub async fn next(&mut self) -> Result<Option<Record>, LogError> {
+        loop {
+            let Some((&partition, &(reached, end))) = self.remaining.iter().next() else {
+                return Ok(None);
+            };
+            let record = match tokio::time::timeout(self.stall, self.consumer.recv()).await {
+                Ok(record) => record?,
+                Err(_) => {
+                    return Err(LogError::Stalled {
+                        topic: self.topic.clone(),
+                        partition,
+                        reached,
+                        end,
+                        waited_secs: self.stall.as_secs(),
+                    });
+                }
+            };
+            let Some(&(_, end)) = self.remaining.get(&record.partition) else {
+                continue; // a partition read to its end already, or empty
+            };
+            if record.offset >= end {
+                continue; // appended after the snapshot began
+            }
+            if record.offset + 1 >= end {
+                self.remaining.remove(&record.partition);
+            } else {
+                self.remaining.insert(record.partition, (record.offset + 1, end));
+            }
+            return Ok(Some(record));
+        }
     }
 }
 

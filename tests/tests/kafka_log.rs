@@ -120,3 +120,59 @@ async fn a_reader_sees_every_partition_from_the_beginning_and_follows() {
         "a reader has no group to commit to"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watermarks_give_each_partitions_end_and_a_snapshot_reads_up_to_them() {
+    let log = Log::open(LogConfig::Kafka(KafkaConfig {
+        brokers: kafka_brokers(),
+        properties: Vec::new(),
+    }))
+    .await
+    .expect("the broker answers");
+    let topic = unique_topic();
+    let spec = TopicSpec {
+        partitions: 3,
+        compacted: false,
+    };
+    log.ensure_topic(&topic, spec).await.expect("topic");
+    let empty = log.watermarks(&topic).await.expect("watermarks");
+    assert_eq!(
+        empty.iter().map(|w| (w.partition, w.low, w.high)).collect::<Vec<_>>(),
+        [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+    );
+    let mut appended: BTreeMap<i32, i64> = BTreeMap::new();
+    for i in 0..RECORDS {
+        let at = log
+            .append(
+                &topic,
+                format!("service-{}", i % 5).as_bytes(),
+                Bytes::from(i.to_string()),
+            )
+            .await
+            .expect("append");
+        let next = appended.entry(at.partition).or_insert(0);
+        *next = (*next).max(at.offset + 1);
+    }
+    let marks = log.watermarks(&topic).await.expect("watermarks");
+    for w in &marks {
+        assert_eq!(
+            (w.low, w.high),
+            (0, appended.get(&w.partition).copied().unwrap_or(0)),
+            "{w:?}"
+        );
+    }
+
+    let mut snapshot = log.snapshot(&topic).await.expect("snapshot");
+    log.append(&topic, b"service-0", Bytes::from_static(b"after"))
+        .await
+        .expect("append");
+    let mut seen = BTreeSet::new();
+    while let Some(record) = tokio::time::timeout(Duration::from_secs(60), snapshot.next())
+        .await
+        .expect("the snapshot ends")
+        .expect("next")
+    {
+        assert!(seen.insert(String::from_utf8(record.payload.to_vec()).unwrap()));
+    }
+    assert_eq!(seen, (0..RECORDS).map(|i| i.to_string()).collect());
+}

@@ -34,6 +34,10 @@ const STALL_LIMIT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
+    /// TOML file with any of these settings (keys as the flags, `_` for `-`).
+    #[arg(long, env = "TIDEMARK_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Request trace: CSV `arrival_seconds,service_seconds` (header optional), or the Azure LLM
     /// inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`); told apart by the first line.
     #[arg(long, env = "TIDEMARK_TRACE")]

@@ -334,6 +334,7 @@ fn simulate_reads_files_and_names_a_missing_trace() {
     }
     std::fs::write(&trace_path, text).expect("write trace");
     let mut args = SimulateArgs {
+        config: None,
         trace: trace_path.clone(),
         policy,
         service: None,

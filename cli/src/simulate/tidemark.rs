@@ -1,6 +1,10 @@
 //! Tidemark's own autoscaler in the simulator: the policy file, read as the
 //! collector reads it, and the real `ServiceScaler` behind the engine's
-//! [`Scaler`] interface.
+//! [`Scaler`] interface, asked to decide after every report (the collector
+//! decides on every batch) and on a 500 ms tick (as the collector does, so
+//! that silence is noticed too). Every report reaches it, draining
+//! instances' and stopping instances' last ones included, as the sidecars
+//! send them.
 
 use std::path::Path;
 
@@ -13,6 +17,9 @@ use super::engine::{Report, Scaler, View};
 /// The simulated clock starts here on the scaler's clock (µs since the Unix
 /// epoch: 2023-11-14T22:13:20Z), so that the scaler sees plausible times.
 pub const EPOCH_MICROS: i64 = 1_700_000_000_000_000;
+
+/// The collector's autoscaler decides on every batch and on this tick.
+const TICK_MICROS: i64 = 500_000;
 
 /// Keys of a service's table that configure the decision hooks, not the policy.
 const HOOK_KEYS: [&str; 3] = ["webhook", "exec", "local"];
@@ -181,6 +188,15 @@ impl Tidemark {
 impl Scaler for Tidemark {
     fn name(&self) -> String {
         "tidemark".into()
+    }
+
+    /// The collector's autoscaler also decides on a 500 ms tick (docs/autoscaler.md).
+    fn tick_micros(&self) -> Option<i64> {
+        Some(TICK_MICROS)
+    }
+
+    fn on_tick(&mut self, view: &View<'_>) -> Option<u32> {
+        Some(self.scaler.decide(EPOCH_MICROS + view.now_micros).desired)
     }
 
     fn on_report(&mut self, report: &Report, view: &View<'_>) -> Option<u32> {

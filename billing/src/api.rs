@@ -17,7 +17,7 @@ use axum::extract::{FromRef, Query, State};
 use std::fmt::Write as _;
 
 use crate::auth::{Auth, Caller};
-use crate::query::{ParamError, UsageRequest, Window, fold_months, parse_usage_request};
+use crate::query::{self, ParamError, UsageRequest, parse_usage_request};
 use crate::store::Store;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -106,7 +106,7 @@ impl ApiError {
     }
 
     /// A store failure: logged in full, answered without details.
-    fn internal(what: &'static str, error: &dyn std::fmt::Display) -> ApiError {
+    pub(crate) fn internal(what: &'static str, error: &dyn std::fmt::Display) -> ApiError {
         tracing::error!(%error, "{what} failed");
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -139,7 +139,7 @@ struct UsageResponse {
     to: Option<String>,
     window: &'static str,
     rows: Vec<UsageRowJson>,
-    totals: BTreeMap<String, i64>,
+    totals: BTreeMap<String, i128>,
 }
 
 #[derive(Debug, Serialize)]
@@ -183,15 +183,13 @@ async fn usage(
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    let UsageRequest { query: q, window } = parse_usage_request(&params)?;
-    caller.may_read(&q.tenant)?;
-    let mut rows = store
-        .usage(&q)
+    let request = parse_usage_request(&params)?;
+    caller.may_read(&request.query.tenant)?;
+    let rows = query::run(&store, &request)
         .await
         .map_err(|e| ApiError::internal("usage query", &e))?;
-    if window == Window::Month {
-        rows = fold_months(rows);
-    }
+    let totals = query::totals(&rows);
+    let UsageRequest { query: q, window } = request;
     let rows: Vec<UsageRowJson> = rows
         .into_iter()
         .map(|r| UsageRowJson {
@@ -215,10 +213,6 @@ async fn usage(
             );
         }
         return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
-    }
-    let mut totals = BTreeMap::new();
-    for row in &rows {
-        *totals.entry(row.meter.clone()).or_insert(0) += row.quantity;
     }
     Ok(Json(UsageResponse {
         from: (q.from != 0).then(|| rfc3339(q.from)),

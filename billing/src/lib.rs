@@ -4,10 +4,12 @@
 //! - [`ledger`] reads the log and commits batches, dedupe state and offsets
 //!   in one transaction;
 //! - [`store`] is that database, SQLite or Postgres;
-//! - [`api`] is the HTTP query API, behind the bearer tokens of [`auth`].
+//! - [`api`] is the HTTP query API and [`grpc`] the gRPC `tidemark.v1.Billing`
+//!   service, both behind the bearer tokens of [`auth`].
 
 pub mod api;
 pub mod auth;
+pub mod grpc;
 pub mod ledger;
 pub mod pricing;
 pub mod query;

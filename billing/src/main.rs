@@ -62,20 +62,24 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = Arc::new(Telemetry::register(&mut registry));
     let ledger = Ledger::new(consumer, store.clone(), topic, telemetry, args.billing.gap_grace).await?;
     let api_listener = tidemark_runtime::listen::bind(args.billing.api_listen, "billing HTTP API").await?;
+    let grpc_listener = tidemark_runtime::listen::bind(args.billing.grpc_listen, "billing gRPC").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
 
-    let api_task = tokio::spawn(tidemark_billing::api::serve(
-        api_listener,
-        ApiState { store, auth },
+    let api_state = ApiState { store, auth };
+    let grpc_task = tokio::spawn(tidemark_billing::grpc::serve(
+        grpc_listener,
+        api_state.clone(),
         shutdown.clone(),
     ));
+    let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, api_state, shutdown.clone()));
     readiness.set(true);
     ledger
         .run(args.billing.commit_interval, shutdown)
         .await
         .context("ledger failed")?;
     api_task.await??;
+    grpc_task.await?.context("billing gRPC failed")?;
     admin_task.await??;
     tracing::info!("billing stopped");
     Ok(())

@@ -6,7 +6,7 @@ use tidemark_core::ids::validate_name;
 use tidemark_core::meter::Meter;
 use tidemark_core::window::MICROS_PER_MINUTE;
 
-use crate::store::{UsageQuery, UsageRow};
+use crate::store::{Store, StoreError, UsageQuery, UsageRow};
 
 /// How usage is bucketed in time (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,61 +82,127 @@ fn parse_time(parameter: &'static str, text: &str) -> Result<i64, ParamError> {
 
 const KNOWN: &str = "tenant, from, to, service, meter, window, group_by";
 
-/// Parses the query parameters of `GET /v1/usage`, refusing unknown ones.
-pub fn parse_usage_request(params: &[(String, String)]) -> Result<UsageRequest, ParamError> {
-    let mut q = UsageQuery::all("");
+/// A usage query's parts as either API received them, before validation.
+/// Times are microseconds since the Unix epoch.
+#[derive(Debug, Clone, Default)]
+pub struct UsageParams<'a> {
+    pub tenant: Option<&'a str>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub service: Option<&'a str>,
+    pub meter: Option<&'a str>,
+    pub window: Option<&'a str>,
+    /// Fields to group by: `service` and `meter` (meters are always kept apart).
+    pub group_by: Vec<&'a str>,
+}
+
+/// Validates a query's parts, as the HTTP and gRPC APIs both take them.
+/// Errors name the parameter by its HTTP name.
+pub fn usage_request(p: &UsageParams<'_>) -> Result<UsageRequest, ParamError> {
+    let tenant = p.tenant.ok_or_else(|| bad("tenant", "tenant is required"))?;
+    validate_name(tenant).map_err(|e| bad("tenant", format!("tenant {e}")))?;
+    let mut q = UsageQuery::all(tenant);
     q.by_service = false;
-    let mut window = Window::Minute;
-    let mut tenant = None;
+    if let Some(service) = p.service {
+        validate_name(service).map_err(|e| bad("service", format!("service {e}")))?;
+        q.service = Some(service.to_owned());
+    }
+    if let Some(meter) = p.meter {
+        if Meter::parse(meter).is_none() {
+            let known: Vec<_> = Meter::ALL.iter().map(|m| m.as_str()).collect();
+            return Err(bad(
+                "meter",
+                format!("unknown meter {meter:?}; known: {}", known.join(", ")),
+            ));
+        }
+        q.meter = Some(meter.to_owned());
+    }
+    let window = match p.window {
+        None => Window::Minute,
+        Some(text) => Window::parse(text)
+            .ok_or_else(|| bad("window", format!("{text:?} is not one of minute, hour, day, month")))?,
+    };
+    for field in &p.group_by {
+        match *field {
+            "service" => q.by_service = true,
+            "meter" => {} // always grouped: meters have different units
+            other => {
+                return Err(bad(
+                    "group_by",
+                    format!("cannot group by {other:?}; use service or meter"),
+                ));
+            }
+        }
+    }
+    q.from = p.from.unwrap_or(0);
+    q.to = p.to.unwrap_or(i64::MAX);
+    if q.from < 0 {
+        return Err(bad("from", "from must not be before 1970-01-01T00:00:00Z"));
+    }
+    if q.from >= q.to {
+        return Err(bad("to", "to must be later than from"));
+    }
+    q.window_micros = window.store_width_micros();
+    Ok(UsageRequest { query: q, window })
+}
+
+/// Parses the query parameters of `GET /v1/usage`, refusing unknown ones
+/// and repeated ones (but `group_by`, whose fields add up).
+pub fn parse_usage_request(params: &[(String, String)]) -> Result<UsageRequest, ParamError> {
+    let mut p = UsageParams::default();
+    let mut seen = std::collections::BTreeSet::new();
     for (key, value) in params {
-        match key.as_str() {
-            "tenant" => tenant = Some(value.clone()),
-            "from" => q.from = parse_time("from", value)?,
-            "to" => q.to = parse_time("to", value)?,
-            "service" => q.service = Some(value.clone()),
-            "meter" => {
-                if Meter::parse(value).is_none() {
-                    let known: Vec<_> = Meter::ALL.iter().map(|m| m.as_str()).collect();
-                    return Err(bad(
-                        "meter",
-                        format!("unknown meter {value:?}; known: {}", known.join(", ")),
-                    ));
-                }
-                q.meter = Some(value.clone());
-            }
-            "window" => {
-                window = Window::parse(value)
-                    .ok_or_else(|| bad("window", format!("{value:?} is not one of minute, hour, day, month")))?;
-            }
-            "group_by" => {
-                for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-                    match field {
-                        "service" => q.by_service = true,
-                        "meter" => {} // always grouped: meters have different units
-                        other => {
-                            return Err(bad(
-                                "group_by",
-                                format!("cannot group by {other:?}; use service or meter"),
-                            ));
-                        }
-                    }
-                }
-            }
+        let parameter: &'static str = match key.as_str() {
+            "tenant" => "tenant",
+            "from" => "from",
+            "to" => "to",
+            "service" => "service",
+            "meter" => "meter",
+            "window" => "window",
+            "group_by" => "group_by",
             _ => {
                 return Err(ParamError {
                     parameter: None,
                     message: format!("unknown parameter {key:?}; known: {KNOWN}"),
                 });
             }
+        };
+        if parameter != "group_by" && !seen.insert(parameter) {
+            return Err(bad(parameter, format!("{parameter} is given more than once")));
+        }
+        match parameter {
+            "tenant" => p.tenant = Some(value),
+            "from" => p.from = Some(parse_time("from", value)?),
+            "to" => p.to = Some(parse_time("to", value)?),
+            "service" => p.service = Some(value),
+            "meter" => p.meter = Some(value),
+            "window" => p.window = Some(value),
+            _ => p
+                .group_by
+                .extend(value.split(',').map(str::trim).filter(|f| !f.is_empty())),
         }
     }
-    q.tenant = tenant.ok_or_else(|| bad("tenant", "tenant is required"))?;
-    validate_name(&q.tenant).map_err(|e| bad("tenant", format!("tenant {e}")))?;
-    if q.from >= q.to {
-        return Err(bad("to", "to must be later than from"));
+    usage_request(&p)
+}
+
+/// Runs a usage request: the store's fixed-width windows, folded into
+/// calendar months if asked. Both APIs answer from this.
+pub async fn run(store: &Store, request: &UsageRequest) -> Result<Vec<UsageRow>, StoreError> {
+    let rows = store.usage(&request.query).await?;
+    Ok(if request.window == Window::Month {
+        fold_months(rows)
+    } else {
+        rows
+    })
+}
+
+/// Total quantity per meter over `rows`, exact (`i128`: no overflow).
+pub fn totals(rows: &[UsageRow]) -> std::collections::BTreeMap<String, i128> {
+    let mut totals = std::collections::BTreeMap::new();
+    for row in rows {
+        *totals.entry(row.meter.clone()).or_insert(0) += i128::from(row.quantity);
     }
-    q.window_micros = window.store_width_micros();
-    Ok(UsageRequest { query: q, window })
+    totals
 }
 
 /// Start of the calendar month (UTC) holding `unix_micros`.
@@ -217,6 +283,9 @@ mod tests {
                 Some("to"),
             ),
             (vec![("tenant", "a"), ("colour", "red")], None),
+            (vec![("tenant", "a"), ("service", "x y")], Some("service")),
+            (vec![("tenant", "a"), ("tenant", "b")], Some("tenant")),
+            (vec![("tenant", "a"), ("from", "1969-12-31T00:00:00Z")], Some("from")),
         ];
         for (pairs, parameter) in cases {
             let err = parse_usage_request(&params(&pairs)).expect_err("invalid");

@@ -74,14 +74,17 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
 
     let ingest_listener = bind(args.ingest_listen, "ingest gRPC").await?;
     let api_listener = bind(args.billing.api_listen, "billing HTTP API").await?;
+    let grpc_listener = bind(args.billing.grpc_listen, "billing gRPC").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
     let ingest_task = tokio::spawn(collector.serve(ingest_listener, None, shutdown.clone()));
-    let api_task = tokio::spawn(tidemark_billing::api::serve(
-        api_listener,
-        ApiState { store, auth },
+    let api_state = ApiState { store, auth };
+    let grpc_task = tokio::spawn(tidemark_billing::grpc::serve(
+        grpc_listener,
+        api_state.clone(),
         shutdown.clone(),
     ));
+    let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, api_state, shutdown.clone()));
     readiness.set(true);
     tracing::info!(data_dir = %args.data_dir.display(), "tidemark dev is running; Ctrl-C stops it");
 
@@ -91,6 +94,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         .context("ledger failed")?;
     ingest_task.await?.context("collector failed")?;
     api_task.await?.context("billing HTTP API failed")?;
+    grpc_task.await?.context("billing gRPC failed")?;
     admin_task.await?.context("admin endpoints failed")?;
     Ok(())
 }

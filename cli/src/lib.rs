@@ -5,3 +5,4 @@ pub mod dev;
 pub mod http1;
 pub mod loadgen;
 pub mod simulate;
+pub mod usage;

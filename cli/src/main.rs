@@ -21,6 +21,8 @@ enum Command {
     Loadgen(tidemark::loadgen::LoadgenArgs),
     /// Replay a request trace against Tidemark's autoscaler and Knative's KPA and the Kubernetes HPA, simulated.
     Simulate(tidemark::simulate::SimulateArgs),
+    /// Show a tenant's usage from the billing API, as a table, CSV or JSON.
+    Usage(tidemark::usage::UsageArgs),
 }
 
 #[tokio::main]
@@ -32,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => tidemark::dev::run(args, shutdown).await,
         Command::DemoApp(args) => tidemark::demo_app::run(args, shutdown).await,
         Command::Loadgen(args) => tidemark::loadgen::run(args, shutdown).await,
+        Command::Usage(args) => tidemark::usage::run(args).await,
         Command::Simulate(args) => tokio::task::spawn_blocking(move || tidemark::simulate::run(args)).await?,
     }
 }

@@ -97,6 +97,10 @@ impl Proc {
                 command.env_remove(key);
             }
         }
+        // Billing's gRPC port has a fixed default (7412); tests run many
+        // billing processes at once, so each gets an OS-chosen port unless
+        // the test says otherwise (a flag or `env` overrides this).
+        command.env("TIDEMARK_GRPC_LISTEN", "127.0.0.1:0");
         command.envs(env.iter().copied());
         let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));

@@ -23,6 +23,10 @@ use crate::telemetry::Telemetry;
 /// Batches read before a commit is forced, whatever the interval.
 const MAX_UNCOMMITTED: usize = 10_000;
 
+/// How long after its window ended a batch counts as late, unless
+/// [`Ledger::with_late_after`] says otherwise (`--late-after`).
+pub const DEFAULT_LATE_AFTER: Duration = Duration::from_secs(300);
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error(transparent)]
@@ -46,6 +50,7 @@ pub struct Ledger {
     /// written, so a worker never writes over another's progress.
     read_since_commit: BTreeSet<i32>,
     gap_grace: Duration,
+    late_after: Duration,
 }
 
 impl Ledger {
@@ -67,7 +72,15 @@ impl Ledger {
             uncommitted: Vec::new(),
             read_since_commit: BTreeSet::new(),
             gap_grace,
+            late_after: DEFAULT_LATE_AFTER,
         })
+    }
+
+    /// Batches committed more than `late_after` after their window ended
+    /// are also recorded as late usage, with the minute they were stored.
+    pub fn with_late_after(mut self, late_after: Duration) -> Ledger {
+        self.late_after = late_after;
+        self
     }
 
     /// Reads and commits until `shutdown` fires, then commits what is left.
@@ -131,6 +144,7 @@ impl Ledger {
         let clock = CommitClock {
             now_micros: now_micros(),
             gap_grace_micros: i64::try_from(self.gap_grace.as_micros()).unwrap_or(i64::MAX),
+            late_after_micros: i64::try_from(self.late_after.as_micros()).unwrap_or(i64::MAX),
         };
         let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets, clock).await {
             Ok(c) => c,
@@ -144,6 +158,22 @@ impl Ledger {
         self.telemetry.batches_duplicate.inc_by(committed.duplicates);
         self.telemetry.batches_recovered.inc_by(committed.recovered);
         self.telemetry.batches_lost.inc_by(committed.declared_lost);
+        self.telemetry.late_batches.inc_by(committed.late);
+        self.telemetry
+            .custom_usage_rejected
+            .inc_by(committed.rejected.len() as u64);
+        for r in &committed.rejected {
+            tracing::warn!(
+                session = %r.session_id,
+                seq = r.seq,
+                tenant = %r.tenant,
+                service = %r.service,
+                meter = %r.meter,
+                value = %r.value,
+                reason = %r.reason,
+                "custom usage value not counted"
+            );
+        }
         if committed.declared_lost > 0 {
             tracing::error!(
                 batches = committed.declared_lost,

@@ -12,7 +12,10 @@ pub mod auth;
 pub mod grpc;
 pub mod ledger;
 pub mod pricing;
+pub mod quantity;
 pub mod query;
+pub mod reconcile;
+pub mod rollup;
 pub mod sessions;
 pub mod store;
 pub mod telemetry;
@@ -44,6 +47,11 @@ pub struct BillingArgs {
     /// How often the ledger commits what it read.
     #[arg(long, env = "TIDEMARK_COMMIT_INTERVAL", value_parser = duration, default_value = "1s")]
     pub commit_interval: Duration,
+
+    /// A batch committed longer than this after its window ended is late:
+    /// also kept in late usage with the minute it was stored.
+    #[arg(long, env = "TIDEMARK_LATE_AFTER", value_parser = duration, default_value = "5m")]
+    pub late_after: Duration,
 
     /// TOML file of API bearer tokens with scopes (`admin` or `tenant:NAME`), for HTTP and gRPC;
     /// without it every caller is admin (local use only).

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor, Row};
 use tidemark_core::UsageBatch;
-use tidemark_core::meter::Meter;
 use tidemark_core::window::minute_start;
 
+use crate::rollup::{RejectedUsage, Rollups};
 use crate::sessions::{Missing, SessionState, Verdict};
 
 /// Why the store failed.
@@ -143,8 +143,33 @@ pub struct UsageRow {
     pub batches: i64,
 }
 
+/// One row of late usage: batches of one minute stored in a later one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateRow {
+    pub tenant: String,
+    pub service: String,
+    pub meter: String,
+    /// Event time: start of the minute the batches' windows began in.
+    pub minute: i64,
+    /// Stored time: start of the minute the ledger committed them in.
+    pub stored_minute: i64,
+    pub quantity: i64,
+    pub batches: i64,
+}
+
+/// One `usage_rollup` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupRow {
+    pub tenant: String,
+    pub service: String,
+    pub meter: String,
+    pub minute: i64,
+    pub quantity: i64,
+    pub batches: i64,
+}
+
 /// What one ledger commit did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Committed {
     /// Batches counted, recovered ones included.
     pub batches: u64,
@@ -153,14 +178,22 @@ pub struct Committed {
     pub recovered: u64,
     /// Batches declared lost by this commit (holes older than the grace).
     pub declared_lost: u64,
+    /// Batches counted whose window ended more than the late threshold
+    /// before the commit (also recorded in `late_usage`).
+    pub late: u64,
+    /// Custom usage values of counted batches that could not be kept
+    /// exactly, so were not counted.
+    pub rejected: Vec<RejectedUsage>,
 }
 
-/// The time a commit happens at, and how long a hole in a session's seqs
-/// may stay open before it is declared lost.
+/// The time a commit happens at, how long a hole in a session's seqs may
+/// stay open before it is declared lost, and how long after its window
+/// ended a batch counts as late.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitClock {
     pub now_micros: i64,
     pub gap_grace_micros: i64,
+    pub late_after_micros: i64,
 }
 
 /// A session with missing batches.
@@ -333,7 +366,9 @@ impl Store {
             insert_missing_sessions(&mut tx, sessions(), clock.now_micros).await?;
         }
         let mut states = load_sessions(&mut tx, sessions(), self.backend == Backend::Postgres).await?;
-        let mut rollups: BTreeMap<(&str, &str, &'static str, i64), (i64, i64)> = BTreeMap::new();
+        let mut rollups = Rollups::default();
+        // Late batches again, for late_usage (their rejections are the same).
+        let mut late = Rollups::default();
         let mut committed = Committed::default();
         for batch in batches {
             let state = states.entry(batch.session_id.as_str()).or_default();
@@ -346,21 +381,13 @@ impl Store {
                 Verdict::New => {}
             }
             committed.batches += 1;
-            let minute = minute_start(batch.window_start_unix_micros);
-            for usage in &batch.tenants {
-                for meter in Meter::ALL {
-                    let quantity = meter.quantity(usage);
-                    if quantity == 0 && meter != Meter::Requests {
-                        continue;
-                    }
-                    let entry = rollups
-                        .entry((usage.tenant.as_str(), batch.service.as_str(), meter.as_str(), minute))
-                        .or_default();
-                    entry.0 = entry.0.saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
-                    entry.1 += 1;
-                }
+            rollups.add(batch);
+            if clock.now_micros.saturating_sub(batch.window_end_unix_micros) > clock.late_after_micros {
+                committed.late += 1;
+                late.add(batch);
             }
         }
+        committed.rejected = rollups.rejected().to_vec();
         let mut touched: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         for batch in batches {
             touched.insert(&batch.session_id, (&batch.service, &batch.instance));
@@ -370,7 +397,7 @@ impl Store {
             committed.declared_lost += state.declare_old_holes(clock.now_micros, clock.gap_grace_micros);
             save_session(&mut tx, session, service, instance, state, clock.now_micros).await?;
         }
-        for ((tenant, service, meter, minute), (quantity, count)) in rollups {
+        for (key, sums) in rollups.rows() {
             sqlx::query(
                 "INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)
                  VALUES ($1, $2, $3, $4, $5, $6)
@@ -378,12 +405,31 @@ impl Store {
                    quantity = usage_rollup.quantity + excluded.quantity,
                    batches = usage_rollup.batches + excluded.batches",
             )
-            .bind(tenant)
-            .bind(service)
-            .bind(meter)
-            .bind(minute)
-            .bind(quantity)
-            .bind(count)
+            .bind(key.tenant.as_ref())
+            .bind(key.service.as_ref())
+            .bind(key.meter.as_ref())
+            .bind(key.minute)
+            .bind(sums.quantity)
+            .bind(sums.batches)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let stored_minute = minute_start(clock.now_micros);
+        for (key, sums) in late.rows() {
+            sqlx::query(
+                "INSERT INTO late_usage (tenant, service, meter, minute, stored_minute, quantity, batches)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant, minute, service, meter, stored_minute) DO UPDATE SET
+                   quantity = late_usage.quantity + excluded.quantity,
+                   batches = late_usage.batches + excluded.batches",
+            )
+            .bind(key.tenant.as_ref())
+            .bind(key.service.as_ref())
+            .bind(key.meter.as_ref())
+            .bind(key.minute)
+            .bind(stored_minute)
+            .bind(sums.quantity)
+            .bind(sums.batches)
             .execute(&mut *tx)
             .await?;
         }
@@ -462,6 +508,67 @@ impl Store {
                     meter: r.try_get(2)?,
                     quantity: r.try_get(3)?,
                     batches: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// The tenant's late usage (`service` and `meter` filters apply) whose
+    /// event minute is in `[q.from, q.to)`, per event minute and stored
+    /// minute, oldest first. `q.window_micros` and `q.by_service` do not
+    /// apply: each row is one event minute, stored minute and service.
+    pub async fn late_usage(&self, q: &UsageQuery) -> Result<Vec<LateRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant, service, meter, minute, stored_minute, quantity, batches FROM late_usage
+             WHERE tenant = $1 AND minute >= $2 AND minute < $3
+               AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)
+             ORDER BY minute, stored_minute, service, meter",
+        )
+        .bind(&q.tenant)
+        .bind(q.from)
+        .bind(q.to)
+        .bind(q.service.as_deref().unwrap_or(""))
+        .bind(q.meter.as_deref().unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LateRow {
+                    tenant: r.try_get(0)?,
+                    service: r.try_get(1)?,
+                    meter: r.try_get(2)?,
+                    minute: r.try_get(3)?,
+                    stored_minute: r.try_get(4)?,
+                    quantity: r.try_get(5)?,
+                    batches: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Every `usage_rollup` row, of every tenant, whose minute is in
+    /// `[from, to)`, ordered by tenant, service, meter and minute.
+    pub async fn rollups(&self, from: i64, to: i64) -> Result<Vec<RollupRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant, service, meter, minute, quantity, batches FROM usage_rollup
+             WHERE minute >= $1 AND minute < $2
+             ORDER BY tenant, service, meter, minute",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RollupRow {
+                    tenant: r.try_get(0)?,
+                    service: r.try_get(1)?,
+                    meter: r.try_get(2)?,
+                    minute: r.try_get(3)?,
+                    quantity: r.try_get(4)?,
+                    batches: r.try_get(5)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -605,6 +712,7 @@ mod tests {
     const CLOCK: CommitClock = CommitClock {
         now_micros: 1_000_000,
         gap_grace_micros: 60_000_000,
+        late_after_micros: 300_000_000,
     };
 
     #[tokio::test]

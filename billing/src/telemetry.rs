@@ -13,6 +13,8 @@ pub struct Telemetry {
     pub records_undecodable: Counter,
     pub commits: Counter,
     pub commit_errors: Counter,
+    pub late_batches: Counter,
+    pub custom_usage_rejected: Counter,
 }
 
 impl Telemetry {
@@ -50,6 +52,16 @@ impl Telemetry {
             "ledger_commit_errors",
             "Ledger transactions that failed",
             t.commit_errors.clone(),
+        );
+        r.register(
+            "late_batches",
+            "Usage batches counted more than --late-after after their window ended (also kept in late_usage)",
+            t.late_batches.clone(),
+        );
+        r.register(
+            "custom_usage_rejected",
+            "Custom usage values not counted: bad name, not a decimal, more than 9 decimal places, or too large",
+            t.custom_usage_rejected.clone(),
         );
         t
     }

@@ -4,7 +4,13 @@
 //!   [&window=minute|hour|day|month][&group_by=service]`: the tenant's usage
 //!   per window in `[from, to)` with totals per meter, as JSON, or as CSV
 //!   with `Accept: text/csv`;
-//! - `GET /v1/gaps`: sessions with missing batches (admin tokens only).
+//!   Custom meters' quantities are exact decimal strings, built-in ones
+//!   integers;
+//! - `GET /v1/late-usage?tenant=T[&from][&to][&service][&meter]`: usage the
+//!   ledger counted more than `--late-after` after its window ended, per
+//!   event minute and stored minute (docs/ledger.md);
+//! - `GET /v1/gaps`: sessions with missing batches (admin tokens only);
+//! - invoices, running cost and subscriptions: see [`crate::invoice::http`].
 //!
 //! Callers are recognized by bearer token (see [`crate::auth`]): a tenant
 //! token reads its own tenant only. A bad parameter gets `400` and
@@ -17,6 +23,8 @@ use axum::extract::{FromRef, Query, State};
 use std::fmt::Write as _;
 
 use crate::auth::{Auth, Caller};
+use crate::invoice::Invoicing;
+use crate::quantity::Quantity;
 use crate::query::{self, ParamError, UsageRequest, parse_usage_request};
 use crate::store::Store;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -33,6 +41,13 @@ use serde_json::json;
 pub struct ApiState {
     pub store: Store,
     pub auth: Auth,
+    pub invoicing: Invoicing,
+}
+
+impl FromRef<ApiState> for Invoicing {
+    fn from_ref(state: &ApiState) -> Invoicing {
+        state.invoicing.clone()
+    }
 }
 
 impl FromRef<ApiState> for Store {
@@ -62,6 +77,8 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/gaps", get(gaps))
+        .route("/v1/late-usage", get(late_usage))
+        .merge(crate::invoice::http::routes())
         .with_state(state)
 }
 
@@ -139,7 +156,7 @@ struct UsageResponse {
     to: Option<String>,
     window: &'static str,
     rows: Vec<UsageRowJson>,
-    totals: BTreeMap<String, i128>,
+    totals: BTreeMap<String, Quantity>,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,7 +165,7 @@ struct UsageRowJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     service: Option<String>,
     meter: String,
-    quantity: i64,
+    quantity: Quantity,
     batches: i64,
 }
 
@@ -188,15 +205,21 @@ async fn usage(
     let rows = query::run(&store, &request)
         .await
         .map_err(|e| ApiError::internal("usage query", &e))?;
-    let totals = query::totals(&rows);
+    let totals = query::totals(&rows)
+        .into_iter()
+        .map(|(meter, total)| {
+            let total = Quantity::of_total(&meter, total);
+            (meter, total)
+        })
+        .collect();
     let UsageRequest { query: q, window } = request;
     let rows: Vec<UsageRowJson> = rows
         .into_iter()
         .map(|r| UsageRowJson {
             window_start: rfc3339(r.window_start),
             service: r.service,
+            quantity: Quantity::of(&r.meter, r.quantity),
             meter: r.meter,
-            quantity: r.quantity,
             batches: r.batches,
         })
         .collect();
@@ -222,6 +245,66 @@ async fn usage(
         rows,
         totals,
     })
+    .into_response())
+}
+
+/// `GET /v1/late-usage`: the tenant's late usage whose event minute is in
+/// `[from, to)`, one row per event minute, stored minute, service and
+/// meter, as JSON or CSV.
+async fn late_usage(
+    caller: Caller,
+    State(store): State<Store>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    if let Some((key, _)) = params.iter().find(|(k, _)| k == "window" || k == "group_by") {
+        return Err(ParamError {
+            parameter: None,
+            message: format!(
+                "unknown parameter {key:?}: late usage is listed per event minute, stored minute and service; \
+                 known: tenant, from, to, service, meter"
+            ),
+        }
+        .into());
+    }
+    let request = parse_usage_request(&params)?;
+    caller.may_read(&request.query.tenant)?;
+    let q = request.query;
+    let rows = store
+        .late_usage(&q)
+        .await
+        .map_err(|e| ApiError::internal("late usage query", &e))?;
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "minute": rfc3339(r.minute),
+                "stored_minute": rfc3339(r.stored_minute),
+                "service": r.service,
+                "meter": r.meter,
+                "quantity": Quantity::of(&r.meter, r.quantity),
+                "batches": r.batches,
+            })
+        })
+        .collect();
+    if wants_csv(&headers) {
+        let mut csv = String::from("minute,stored_minute,service,meter,quantity,batches\n");
+        for r in &rows {
+            let text = |key: &str| match &r[key] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let fields = ["minute", "stored_minute", "service", "meter", "quantity", "batches"].map(text);
+            let _ = writeln!(csv, "{}", fields.join(","));
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
+    }
+    Ok(Json(json!({
+        "tenant": q.tenant,
+        "from": (q.from != 0).then(|| rfc3339(q.from)),
+        "to": (q.to != i64::MAX).then(|| rfc3339(q.to)),
+        "rows": rows,
+    }))
     .into_response())
 }
 

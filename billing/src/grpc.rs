@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{ApiError, ApiState};
 use crate::auth::{Auth, Caller};
+use crate::quantity::Quantity;
 use crate::query::{self, ParamError, UsageParams};
 use crate::store::Store;
 
@@ -133,8 +134,8 @@ impl Billing for BillingService {
                 window_start_unix_micros: r.window_start,
                 tenant: tenant.clone(),
                 service: r.service.unwrap_or_default(),
+                quantity: Quantity::of(&r.meter, r.quantity).to_string(),
                 meter: r.meter,
-                quantity: r.quantity.to_string(),
                 batches: u64::try_from(r.batches).unwrap_or(0),
             })
             .collect();

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod grpc;
+pub mod invoice;
 pub mod ledger;
 pub mod pricing;
 pub mod quantity;
@@ -18,6 +19,7 @@ pub mod reconcile;
 pub mod rollup;
 pub mod sessions;
 pub mod store;
+pub mod subscriptions;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -61,6 +63,26 @@ pub struct BillingArgs {
     /// Address of the billing gRPC service (tidemark.v1.Billing).
     #[arg(long, env = "TIDEMARK_GRPC_LISTEN", default_value = "127.0.0.1:7412")]
     pub grpc_listen: SocketAddr,
+
+    /// Directory of price plans (every `*.toml` in it, docs/pricing.md); without it, the
+    /// plans shipped in billing/plans/, built into the binary.
+    #[arg(long, env = "TIDEMARK_PLANS_DIR")]
+    pub plans_dir: Option<PathBuf>,
+
+    /// Plan (its latest version) for tenants without a subscription; without it, such
+    /// tenants have no invoice until PUT /v1/tenants/{id}/subscription gives them one.
+    #[arg(long, env = "TIDEMARK_DEFAULT_PLAN")]
+    pub default_plan: Option<String>,
+
+    /// Time zone whose calendar months are the billing periods: UTC, a fixed offset
+    /// (+01:00, -05:30) or an IANA name (Europe/Berlin).
+    #[arg(long, env = "TIDEMARK_TIME_ZONE", default_value = "UTC")]
+    pub time_zone: crate::invoice::period::BillingZone,
+
+    /// How long after a period ends its usage is still waited for before its
+    /// invoices may be finalized.
+    #[arg(long, env = "TIDEMARK_COLLECTION_WAIT", value_parser = duration, default_value = "1h")]
+    pub collection_wait: Duration,
 }
 
 impl BillingArgs {

@@ -49,6 +49,10 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&args.database_url)
         .await
         .context("cannot start: check --database-url")?;
+    let invoicing = args
+        .billing
+        .invoicing(store.clone())
+        .context("cannot start: check --plans-dir and --default-plan")?;
     let log = Log::open(LogConfig::Kafka(args.kafka.kafka_config()))
         .await
         .context("cannot start: check --kafka-brokers")?;
@@ -60,13 +64,15 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let telemetry = Arc::new(Telemetry::register(&mut registry));
-    let ledger = Ledger::new(consumer, store.clone(), topic, telemetry, args.billing.gap_grace).await?;
+    let ledger = Ledger::new(consumer, store.clone(), topic, telemetry, args.billing.gap_grace)
+        .await?
+        .with_late_after(args.billing.late_after);
     let api_listener = tidemark_runtime::listen::bind(args.billing.api_listen, "billing HTTP API").await?;
     let grpc_listener = tidemark_runtime::listen::bind(args.billing.grpc_listen, "billing gRPC").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
 
-    let api_state = ApiState { store, auth };
+    let api_state = ApiState { store, auth, invoicing };
     let grpc_task = tokio::spawn(tidemark_billing::grpc::serve(
         grpc_listener,
         api_state.clone(),

@@ -21,7 +21,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tidemark_core::meter::Meter;
 
 /// Decimal places a custom meter's quantity keeps (nano-units).
@@ -166,33 +166,41 @@ pub fn from_decimal(meter: &str, value: Decimal) -> Result<i64, QuantityError> {
 }
 
 /// A quantity as users see it: a JSON integer for built-in meters, an exact
-/// decimal string for custom ones (and for a built-in sum too large for an
-/// i64).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// decimal string (no exponent, no trailing zeros) for custom ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Quantity {
-    Integer(i64),
+    Integer(i128),
     Decimal(String),
 }
 
 impl Quantity {
     /// The stored quantity of `meter` as shown.
     pub fn of(meter: &str, quantity: i64) -> Quantity {
-        if is_custom(meter) {
-            Quantity::Decimal(to_decimal(meter, quantity).to_string())
-        } else {
-            Quantity::Integer(quantity)
+        Quantity::of_total(meter, i128::from(quantity))
+    }
+
+    /// A sum of stored quantities of `meter` (summed as i128, so without
+    /// overflow) as shown.
+    pub fn of_total(meter: &str, total: i128) -> Quantity {
+        if !is_custom(meter) {
+            return Quantity::Integer(total);
         }
+        let scale = 10u128.pow(CUSTOM_SCALE_DIGITS);
+        let sign = if total < 0 { "-" } else { "" };
+        let (whole, fraction) = (total.unsigned_abs() / scale, total.unsigned_abs() % scale);
+        if fraction == 0 {
+            return Quantity::Decimal(format!("{sign}{whole}"));
+        }
+        let fraction = format!("{fraction:09}");
+        Quantity::Decimal(format!("{sign}{whole}.{}", fraction.trim_end_matches('0')))
     }
 
     /// An exact decimal in `meter`'s unit as shown.
     pub fn of_decimal(meter: &str, value: Decimal) -> Quantity {
         let value = value.normalize();
-        if !is_custom(meter)
-            && value.scale() == 0
-            && let Ok(integer) = i64::try_from(value.mantissa())
-        {
-            return Quantity::Integer(integer);
+        if !is_custom(meter) && value.scale() == 0 {
+            return Quantity::Integer(value.mantissa());
         }
         Quantity::Decimal(value.to_string())
     }
@@ -331,6 +339,18 @@ mod tests {
     #[test]
     fn quantities_are_shown_as_integers_or_exact_decimal_strings() {
         assert_eq!(Quantity::of("requests", 12), Quantity::Integer(12));
+        for (nanos, text) in [(0, "0"), (1, "0.000000001"), (12_500_000_000, "12.5"), (-1_500_000_000, "-1.5")] {
+            assert_eq!(Quantity::of_total("tokens", nanos), Quantity::Decimal(text.into()));
+            assert_eq!(Quantity::of_total("tokens", nanos).to_string(), to_decimal("tokens", nanos as i64).to_string());
+        }
+        let beyond_i64 = i128::from(i64::MAX) * 3 + 7;
+        assert_eq!(
+            Quantity::of_total("tokens", beyond_i64),
+            Quantity::Decimal("27670116110.564327428".into())
+        );
+        assert_eq!(Quantity::of_total("bytes_out", beyond_i64), Quantity::Integer(beyond_i64));
+        let back: Vec<Quantity> = serde_json::from_str(r#"[12, "0.5"]"#).expect("json");
+        assert_eq!(back, [Quantity::Integer(12), Quantity::Decimal("0.5".into())]);
         assert_eq!(Quantity::of("tokens", 12_500_000_000), Quantity::Decimal("12.5".into()));
         assert_eq!(
             Quantity::of("custom.requests", 3_000_000_000),
@@ -343,7 +363,7 @@ mod tests {
         let big = Decimal::from(i64::MAX) + Decimal::ONE;
         assert_eq!(
             Quantity::of_decimal("bytes_in", big),
-            Quantity::Decimal("9223372036854775808".into())
+            Quantity::Integer(9_223_372_036_854_775_808)
         );
         assert_eq!(Quantity::of_decimal("bytes_in", dec("5.00")), Quantity::Integer(5));
         assert_eq!(Quantity::of_decimal("tokens", dec("5.00")).to_string(), "5");

@@ -6,6 +6,7 @@ use tidemark_core::ids::validate_name;
 use tidemark_core::meter::Meter;
 use tidemark_core::window::MICROS_PER_MINUTE;
 
+use crate::quantity::is_meter_column;
 use crate::store::{Store, StoreError, UsageQuery, UsageRow};
 
 /// How usage is bucketed in time (UTC).
@@ -108,11 +109,15 @@ pub fn usage_request(p: &UsageParams<'_>) -> Result<UsageRequest, ParamError> {
         q.service = Some(service.to_owned());
     }
     if let Some(meter) = p.meter {
-        if Meter::parse(meter).is_none() {
+        if !is_meter_column(meter) {
             let known: Vec<_> = Meter::ALL.iter().map(|m| m.as_str()).collect();
             return Err(bad(
                 "meter",
-                format!("unknown meter {meter:?}; known: {}", known.join(", ")),
+                format!(
+                    "{meter:?} cannot name a meter: use a built-in one ({}) or a custom meter's name \
+                     (1 to 64 of a-z 0-9 _ . -, custom.NAME for one named like a built-in)",
+                    known.join(", ")
+                ),
             ));
         }
         q.meter = Some(meter.to_owned());

@@ -264,6 +264,17 @@ pub fn redact(url: &str) -> String {
 }
 
 impl Store {
+    /// The connection pool, for the store functions of other modules
+    /// (invoices, subscriptions) that keep their SQL next to their types.
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Whether the database is Postgres (else SQLite).
+    pub(crate) fn is_postgres(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
     /// Connects to `url` and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         install_default_drivers();

@@ -57,6 +57,10 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let auth = args.billing.api_auth().context("cannot start: check --api-tokens")?;
     let database = format!("sqlite:{}", args.data_dir.join("billing.db").display());
     let store = Store::open(&database).await?;
+    let invoicing = args
+        .billing
+        .invoicing(store.clone())
+        .context("cannot start: check --plans-dir and --default-plan")?;
 
     let mut registry = Registry::default();
     let collector = Collector::start(
@@ -70,7 +74,9 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     .await?;
     let telemetry = Arc::new(Telemetry::register(&mut registry));
     let consumer = log.consumer(USAGE_TOPIC, DEFAULT_GROUP).await?;
-    let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace).await?;
+    let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace)
+        .await?
+        .with_late_after(args.billing.late_after);
 
     let ingest_listener = bind(args.ingest_listen, "ingest gRPC").await?;
     let api_listener = bind(args.billing.api_listen, "billing HTTP API").await?;
@@ -78,7 +84,7 @@ pub async fn run(args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
     let ingest_task = tokio::spawn(collector.serve(ingest_listener, None, shutdown.clone()));
-    let api_state = ApiState { store, auth };
+    let api_state = ApiState { store, auth, invoicing };
     let grpc_task = tokio::spawn(tidemark_billing::grpc::serve(
         grpc_listener,
         api_state.clone(),

@@ -3,6 +3,8 @@
 pub mod demo_app;
 pub mod dev;
 pub mod http1;
+pub mod invoice;
 pub mod loadgen;
+pub mod reconcile;
 pub mod simulate;
 pub mod usage;

@@ -10,6 +10,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (`dev`, with all
+// of billing's and the collector's flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run collector and billing in one process over an embedded log and SQLite.
@@ -23,6 +26,10 @@ enum Command {
     Simulate(tidemark::simulate::SimulateArgs),
     /// Show a tenant's usage from the billing API, as a table, CSV or JSON.
     Usage(tidemark::usage::UsageArgs),
+    /// Prove billing's rollups from the raw usage log over a range of minutes; exits non-zero on any difference.
+    Reconcile(tidemark::reconcile::ReconcileArgs),
+    /// List, show and finalize invoices through the billing API.
+    Invoice(tidemark::invoice::InvoiceArgs),
 }
 
 #[tokio::main]
@@ -35,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
         Command::DemoApp(args) => tidemark::demo_app::run(args, shutdown).await,
         Command::Loadgen(args) => tidemark::loadgen::run(args, shutdown).await,
         Command::Usage(args) => tidemark::usage::run(args).await,
+        Command::Reconcile(args) => tidemark::reconcile::run(args).await,
+        Command::Invoice(args) => tidemark::invoice::run(args).await,
         Command::Simulate(args) => tokio::task::spawn_blocking(move || tidemark::simulate::run(args)).await?,
     }
 }

@@ -29,7 +29,8 @@ impl KafkaArgs {
     }
 }
 
-fn key_value(text: &str) -> Result<(String, String), String> {
+/// Parses `KEY=VALUE` (a clap value parser for `--kafka-property`).
+pub fn key_value(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
         _ => Err(format!("{text:?} is not KEY=VALUE")),

@@ -14,7 +14,7 @@ use toml::de::DeTable;
 
 use super::exact;
 use super::keys::{Problem, Table, Value, line_of};
-use super::plan::{Charge, Metered, Model, ModelKind, Plan, Pricing, Tier};
+use super::plan::{Aggregation, Charge, Metered, Model, ModelKind, Plan, Pricing, Tier};
 use super::rounding::{Rounding, RoundingRule};
 
 /// Longest charge or meter name, like the sidecar's custom meter names.
@@ -135,6 +135,7 @@ const CHARGE_KEYS: &[&str] = &[
     "description",
     "model",
     "source",
+    "aggregation",
     "scale",
     "free",
     "unit",
@@ -148,14 +149,31 @@ const TIER_KEYS: &[&str] = &["up_to", "price", "flat"];
 fn keys_of(model: ModelKind) -> &'static [&'static str] {
     match model {
         ModelKind::Flat => &["description", "model", "price"],
-        ModelKind::Unit => &["description", "model", "source", "scale", "free", "unit", "price"],
-        ModelKind::Graduated | ModelKind::Volume => {
-            &["description", "model", "source", "scale", "free", "unit", "tiers"]
-        }
+        ModelKind::Unit => &[
+            "description",
+            "model",
+            "source",
+            "aggregation",
+            "scale",
+            "free",
+            "unit",
+            "price",
+        ],
+        ModelKind::Graduated | ModelKind::Volume => &[
+            "description",
+            "model",
+            "source",
+            "aggregation",
+            "scale",
+            "free",
+            "unit",
+            "tiers",
+        ],
         ModelKind::Package => &[
             "description",
             "model",
             "source",
+            "aggregation",
             "scale",
             "free",
             "price",
@@ -202,9 +220,32 @@ fn plan(root: Table<'_, '_>) -> Result<Plan, Problem> {
     };
 
     let meters_value = root.required("meters", "at least one charge, e.g. [meters.requests]")?;
-    let mut charges = Vec::new();
+    let mut charges: Vec<Charge> = Vec::new();
     for (name, value) in meters_value.table()?.entries() {
-        charges.push(charge(name, &value)?);
+        let charge = charge(name, &value)?;
+        // Usage is aggregated once per meter: charges that share a meter
+        // must aggregate it the same way.
+        if let Pricing::Metered(metered) = &charge.pricing {
+            let earlier = charges.iter().find_map(|c| match &c.pricing {
+                Pricing::Metered(m) if m.source == metered.source && m.aggregation != metered.aggregation => {
+                    Some((c.name.as_str(), m.aggregation))
+                }
+                _ => None,
+            });
+            if let Some((other, aggregation)) = earlier {
+                let table = value.table()?;
+                let problem = format!(
+                    "charge {other:?} aggregates meter {:?} by {}; every charge on one meter must aggregate it the same way",
+                    metered.source,
+                    aggregation.as_str()
+                );
+                return Err(match table.get("aggregation") {
+                    Some(v) => v.problem(problem),
+                    None => table.missing("aggregation", format!("defaults to sum, but {problem}")),
+                });
+            }
+        }
+        charges.push(charge);
     }
     if charges.is_empty() {
         return Err(meters_value.problem("the plan has no charges; add one, e.g. [meters.requests]"));
@@ -300,6 +341,17 @@ fn charge(name: &str, value: &Value<'_, '_>) -> Result<Charge, Problem> {
                 }
                 None => name.to_owned(),
             };
+            let aggregation = match table.get("aggregation") {
+                None => Aggregation::Sum,
+                Some(value) => {
+                    let name = value.string()?;
+                    Aggregation::parse(name).ok_or_else(|| {
+                        value.problem(format!(
+                            "{name:?} is not one of sum, count, max, latest, unique_count, time_weighted"
+                        ))
+                    })?
+                }
+            };
             let scale = positive(&table, "scale", "a multiplier")?.unwrap_or(Decimal::ONE);
             let free = table
                 .get("free")
@@ -341,6 +393,7 @@ fn charge(name: &str, value: &Value<'_, '_>) -> Result<Charge, Problem> {
             };
             Pricing::Metered(Metered {
                 source,
+                aggregation,
                 scale,
                 free,
                 model,
@@ -457,6 +510,7 @@ rounding = { step = "0.01", rule = "half_up" }
     }
 
     const REQUESTS: &str = "[meters.requests]\nmodel = \"unit\"\nprice = \"0.20\"\n";
+    const TIERS: &str = "tiers = [{ up_to = 10, price = \"0\" }, { up_to = \"inf\", price = \"1\" }]\n";
 
     #[test]
     fn a_minimal_plan_loads() {
@@ -725,6 +779,51 @@ rounding = { step = "0.01", rule = "half_up" }
             "[meters.x]\nmodel = \"graduated\"\nprice = \"1\"\n",
             "meters.x.price",
             "does not apply to model \"graduated\"",
+        );
+    }
+
+    #[test]
+    fn aggregations_default_to_sum_and_are_checked() {
+        let plan = load(&format!(
+            "{HEAD}{REQUESTS}[meters.peak]\nmodel = \"unit\"\nprice = \"1\"\nsource = \"cpu_us\"\naggregation = \"max\"\n\
+             [meters.gauge]\nmodel = \"graduated\"\naggregation = \"time_weighted\"\n{TIERS}"
+        ))
+        .unwrap();
+        let aggregations: Vec<Aggregation> = plan
+            .charges
+            .iter()
+            .map(|c| match &c.pricing {
+                Pricing::Metered(m) => m.aggregation,
+                Pricing::Flat { .. } => panic!("metered"),
+            })
+            .collect();
+        assert_eq!(
+            aggregations,
+            [Aggregation::Sum, Aggregation::Max, Aggregation::TimeWeighted]
+        );
+        refused(
+            "[meters.requests]\nmodel = \"unit\"\nprice = \"1\"\naggregation = \"avg\"\n",
+            "meters.requests.aggregation",
+            "\"avg\" is not one of sum, count, max, latest, unique_count, time_weighted",
+        );
+        refused(
+            "[meters.base]\nmodel = \"flat\"\nprice = \"1\"\naggregation = \"sum\"\n",
+            "meters.base.aggregation",
+            "does not apply to model \"flat\"",
+        );
+        // Two charges on one meter must aggregate it alike.
+        refused(
+            &format!(
+                "{REQUESTS}[meters.peak]\nmodel = \"unit\"\nprice = \"1\"\nsource = \"requests\"\naggregation = \"max\"\n"
+            ),
+            "meters.peak.aggregation",
+            "charge \"requests\" aggregates meter \"requests\" by sum",
+        );
+        refused(
+            "[meters.peak]\nmodel = \"unit\"\nprice = \"1\"\nsource = \"requests\"\naggregation = \"max\"\n\
+             [meters.requests]\nmodel = \"unit\"\nprice = \"1\"\n",
+            "meters.requests.aggregation",
+            "defaults to sum, but charge \"peak\" aggregates meter \"requests\" by max",
         );
     }
 

@@ -17,6 +17,6 @@ mod rounding;
 mod shipped_plans;
 
 pub use load::{MAX_METER_NAME_LEN, PlanError, is_meter_name, load_dir};
-pub use plan::{Charge, Metered, Model, ModelKind, Plan, Pricing, Tier};
+pub use plan::{Aggregation, Charge, Metered, Model, ModelKind, Plan, Pricing, Tier};
 pub use rate::{MinimumLine, RateError, Rated, RatedLine, TierLine, rate};
 pub use rounding::{Rounding, RoundingRule};

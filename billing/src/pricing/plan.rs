@@ -53,6 +53,10 @@ pub struct Metered {
     /// The usage meter read: a built-in one (`requests`,
     /// `billed_duration_us`, ...) or a custom one.
     pub source: String,
+    /// How the period's per-minute rollups of `source` become the one
+    /// quantity rated. Rating itself never looks at it: the caller
+    /// aggregates (see `crate::invoice::aggregate`).
+    pub aggregation: Aggregation,
     /// Exact multiplier from the meter's unit to the charge's
     /// (`billed_duration_us` × 0.0000005 = GB-seconds at 512 MB).
     pub scale: Decimal,
@@ -88,6 +92,57 @@ pub struct Tier {
     pub price: Decimal,
     /// Fixed amount added when the tier applies.
     pub flat: Decimal,
+}
+
+/// How a period's usage of a meter becomes one quantity. Usage is kept as
+/// per-minute rollups (per service); every aggregation first adds the
+/// services up per minute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// The sum of every minute's quantity (the default).
+    #[default]
+    Sum,
+    /// The number of usage batches that reported the meter.
+    Count,
+    /// The largest quantity of any one minute.
+    Max,
+    /// The quantity of the last minute with usage.
+    Latest,
+    /// The number of distinct minutes with a non-zero quantity (active
+    /// minutes): rollups keep no other identity to count.
+    UniqueCount,
+    /// The time-weighted mean over the whole period: each minute's quantity
+    /// held for that minute, minutes without usage at 0, divided by the
+    /// minutes in the period (rounded half-even to 9 decimal places when
+    /// the division does not end).
+    TimeWeighted,
+}
+
+impl Aggregation {
+    pub const ALL: [Aggregation; 6] = [
+        Aggregation::Sum,
+        Aggregation::Count,
+        Aggregation::Max,
+        Aggregation::Latest,
+        Aggregation::UniqueCount,
+        Aggregation::TimeWeighted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "sum",
+            Aggregation::Count => "count",
+            Aggregation::Max => "max",
+            Aggregation::Latest => "latest",
+            Aggregation::UniqueCount => "unique_count",
+            Aggregation::TimeWeighted => "time_weighted",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Aggregation> {
+        Aggregation::ALL.into_iter().find(|a| a.as_str() == name)
+    }
 }
 
 /// The model names used in plan files and rated lines.
@@ -146,5 +201,17 @@ impl Plan {
             Pricing::Metered(m) => Some(m.source.as_str()),
             Pricing::Flat { .. } => None,
         })
+    }
+
+    /// Each usage meter this plan reads, with its aggregation (the loader
+    /// makes sure charges sharing a meter aggregate it the same way).
+    pub fn sources_aggregated(&self) -> std::collections::BTreeMap<&str, Aggregation> {
+        self.charges
+            .iter()
+            .filter_map(|c| match &c.pricing {
+                Pricing::Metered(m) => Some((m.source.as_str(), m.aggregation)),
+                Pricing::Flat { .. } => None,
+            })
+            .collect()
     }
 }

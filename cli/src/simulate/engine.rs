@@ -155,7 +155,6 @@ pub struct Outcome {
     /// When the run ended, seconds from the start of the trace.
     pub end_seconds: f64,
     /// Each change of the replica count asked for: (µs, count), starting with the initial count at 0.
-    #[serde(skip)]
     pub timeline: Vec<(i64, u32)>,
 }
 

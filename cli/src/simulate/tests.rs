@@ -94,9 +94,6 @@ fn constant_load_settles_at_ceil_of_load_over_target_for_the_baselines() {
 }
 
 #[test]
-#[ignore = "fails: Tidemark's load windows (collector/src/autoscaler/load.rs) sum per-instance averages over each \
-            instance's own reports and drop gone instances, so after a scale-down the stable load reads low (27 of \
-            36.4) and the count cycles 3 -> 15 -> 7 -> 3; see docs/simulate.md"]
 fn constant_load_settles_at_ceil_of_load_over_target_for_tidemark() {
     let (requests, expected) = constant_load();
     let outcomes = run_all("targets = { concurrency = 10 }", STARTUP, requests);
@@ -106,8 +103,6 @@ fn constant_load_settles_at_ceil_of_load_over_target_for_tidemark() {
 }
 
 #[test]
-#[ignore = "fails for the same reason as constant_load_settles_at_ceil_of_load_over_target_for_tidemark: after \
-            the step Tidemark overshoots to 34 and then cycles instead of holding 8"]
 fn step_up_tidemark_reaches_the_new_count_with_no_more_overload_than_the_kpa() {
     // 11.2 in flight (1.6 × the target of 7: 2 instances), then 49.7 (7.1 × 7: 8
     // instances) from 300 s on; both clear of the 10 % hysteresis band.

@@ -116,8 +116,7 @@ pub struct UsageResponse {
     pub to: Option<String>,
     pub window: String,
     pub rows: Vec<UsageRow>,
-    /// Integers for built-in meters, exact decimal strings for custom ones.
-    pub totals: std::collections::BTreeMap<String, tidemark_billing::quantity::Quantity>,
+    pub totals: std::collections::BTreeMap<String, i128>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,19 +124,20 @@ pub struct UsageRow {
     pub window_start: String,
     pub service: Option<String>,
     pub meter: String,
-    pub quantity: tidemark_billing::quantity::Quantity,
+    pub quantity: i64,
     pub batches: i64,
 }
 
 /// The response as a readable table, with per-meter totals.
 pub fn render_table(r: &UsageResponse) -> String {
-    let mut out = format!(
-        "tenant {}, {} windows, from {} to {}\n",
-        r.tenant,
-        r.window,
-        r.from.as_deref().unwrap_or("the start"),
-        r.to.as_deref().unwrap_or("now")
-    );
+    let mut out = format!("tenant {}, {} windows", r.tenant, r.window);
+    if let Some(from) = &r.from {
+        let _ = write!(out, ", from {from}");
+    }
+    if let Some(to) = &r.to {
+        let _ = write!(out, ", before {to}");
+    }
+    out.push('\n');
     if r.rows.is_empty() {
         out.push_str("no usage\n");
         return out;
@@ -310,7 +310,7 @@ mod tests {
         }))
         .expect("valid");
         let want = "\
-tenant acme, hour windows, from 2026-11-26T04:00:00Z to now
+tenant acme, hour windows, from 2026-11-26T04:00:00Z
 WINDOW START          SERVICE   METER     QUANTITY  BATCHES
 2026-11-26T04:00:00Z  checkout  requests         7        2
 2026-11-26T05:00:00Z  search    requests      1234       10

@@ -381,6 +381,12 @@ impl LoadWindows {
         self.first_start.is_some()
     }
 
+    /// How long the reports cover at `now`: from the start of the first
+    /// report recorded (0 before any).
+    pub fn measured(&self, now: i64) -> i64 {
+        now.saturating_sub(self.first_start.unwrap_or(now))
+    }
+
     /// Instances known (reporting, late or gone but not yet forgotten).
     pub fn instances(&self) -> usize {
         self.instances.len()
@@ -406,7 +412,7 @@ impl LoadWindows {
             instance.prune(horizon);
             state != State::Gone || instance.newest.at > horizon
         });
-        let measured = now.saturating_sub(self.first_start.unwrap_or(now));
+        let measured = self.measured(now);
         load.stable = stable.over(spans.stable.min(measured));
         load.panic = panic.over(spans.panic.min(measured));
         load

@@ -39,6 +39,11 @@
 //!    **Starting instances.** While instances from a scale-up are still
 //!    starting (at most `instance_startup`), never below `previous`: the load
 //!    was measured without them and a count in flux is no base to shrink.
+//!    **Warming up.** Until the reports cover a full stable window (from the
+//!    first report this scaler saw, after a start or a takeover), never below
+//!    `previous`: a few seconds of reports are no base to shrink on, and a
+//!    quiet first second would otherwise halve a service that was sized for
+//!    its load (the KPA starts in panic mode for the same reason).
 //! 8. **Change budget.** Direction reversals (up then down, down then up)
 //!    are counted over the last stable window; once they reach
 //!    `max_reversals_per_window`, a scale-down that would reverse a scale-up
@@ -95,6 +100,7 @@ pub enum Bound {
     LateInstances,
     ScaleToZeroGrace,
     InstancesStarting,
+    WarmingUp,
 }
 
 impl Bound {
@@ -113,6 +119,7 @@ impl Bound {
             Bound::LateInstances => "late_instances",
             Bound::ScaleToZeroGrace => "scale_to_zero_grace",
             Bound::InstancesStarting => "instances_starting",
+            Bound::WarmingUp => "warming_up",
         }
     }
 }
@@ -448,6 +455,8 @@ impl ServiceScaler {
         }
         self.rate_limits(&mut c, previous, &instances);
         self.scale_down_delay(&mut c, now);
+        let warming_up = self.windows.measured(now) < micros(self.policy.stable_window);
+        c.hold_down(previous, warming_up, Bound::WarmingUp);
         c.hold_down(previous, instances.late > 0, Bound::LateInstances);
         c.hold_down(previous, instances.starting > 0, Bound::InstancesStarting);
         c.hold_down(previous, self.budget_spent(), Bound::ChangeBudget);
@@ -1530,6 +1539,7 @@ mod tests {
             Bound::LateInstances,
             Bound::ScaleToZeroGrace,
             Bound::InstancesStarting,
+            Bound::WarmingUp,
         ];
         let names: Vec<&str> = bounds.iter().map(|b| b.as_str()).collect();
         assert_eq!(
@@ -1546,7 +1556,8 @@ mod tests {
                 "change_budget",
                 "late_instances",
                 "scale_to_zero_grace",
-                "instances_starting"
+                "instances_starting",
+                "warming_up"
             ]
         );
         assert_eq!((Mode::Stable.as_str(), Mode::Panic.as_str()), ("stable", "panic"));
@@ -1576,6 +1587,33 @@ mod tests {
         feed(&mut s, &ABC, at(6), at(12), conc(7.0));
         let d = s.decide(at(12));
         assert_eq!((d.desired, d.explanation.instances_starting), (3, 0));
+    }
+
+    #[test]
+    fn no_scale_down_before_the_reports_cover_a_stable_window() {
+        // Sized at 40 for a load that starts quiet: 40 instances at 0.7 each
+        // is 28 in flight, which needs 4 at 7 per instance.
+        let p = policy("initial_scale = 40\nstable_window = \"10s\"\npanic_window = \"2s\"\ninstance_startup = \"0s\"");
+        let mut s = ServiceScaler::new(p, 0);
+        let instances: Vec<String> = (0..40).map(|i| format!("i{i}")).collect();
+        let names: Vec<&str> = instances.iter().map(String::as_str).collect();
+        feed(&mut s, &names, at(0), at(9), conc(0.7));
+        let d = s.decide(at(9));
+        assert_eq!(
+            (d.desired, d.explanation.bound_by),
+            (40, Bound::WarmingUp),
+            "{:?}",
+            d.explanation
+        );
+        // A full stable window on: down, by at most half (40 / 2).
+        feed(&mut s, &names, at(9), at(10), conc(0.7));
+        let d = s.decide(at(10));
+        assert_eq!(
+            (d.desired, d.explanation.bound_by),
+            (20, Bound::MaxScaleDownRate),
+            "{:?}",
+            d.explanation
+        );
     }
 
     #[test]

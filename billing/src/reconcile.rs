@@ -11,6 +11,14 @@
 //!
 //! The range must be whole minutes: a rollup row holds one minute, so only
 //! then do the log and the database cover the same batches.
+//!
+//! [`check_invoices`] then proves the batch counts of finalized invoices
+//! whose month lies inside the range: for each charge of a finalized month,
+//! the batches on its own line plus those on every finalized correction of
+//! it must equal the batches the log holds for the tenant and the charge's
+//! meter in that month (all services). Fewer billed than in the log is usage
+//! that came after the month was billed and waits for a correction on a
+//! later invoice; more billed than the log holds cannot be proven.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -18,6 +26,8 @@ use tidemark_core::window::MICROS_PER_MINUTE;
 use tidemark_log::topics::decode_usage;
 use tidemark_log::{Log, LogError};
 
+use crate::invoice::db::{self as invoice_db, DbError, Filter};
+use crate::invoice::model::{LineKind, Status};
 use crate::rollup::{RollupKey, Rollups, Sums};
 use crate::store::{Store, StoreError};
 
@@ -37,6 +47,10 @@ pub enum ReconcileError {
     Log(#[from] LogError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("invoices: {0}")]
+    Invoices(#[from] DbError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
 }
 
 /// A half-open range of whole minutes, microseconds since the Unix epoch.
@@ -232,6 +246,141 @@ pub async fn compare(store: &Store, range: Range, tally: &LogTally) -> Result<Re
         rejected: tally.rollups.rejected().len(),
         differences,
     })
+}
+
+/// How a finalized month's charge compares with the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeState {
+    /// Billed batches equal the log's.
+    Proven,
+    /// The log holds more: usage that came after the month was billed, for
+    /// a correction on a later invoice.
+    NotYetBilled,
+    /// Billed batches the log does not hold.
+    Unproven,
+}
+
+impl ChargeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeState::Proven => "proven",
+            ChargeState::NotYetBilled => "not yet billed",
+            ChargeState::Unproven => "UNPROVEN",
+        }
+    }
+}
+
+/// One charge of one finalized month: the batches billed for it (its own
+/// line plus the finalized corrections of it) and the batches the log holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BilledCharge {
+    /// The month's invoice.
+    pub invoice: String,
+    pub tenant: String,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub charge: String,
+    /// The meter the charge reads.
+    pub source: String,
+    pub billed_batches: i64,
+    /// Lines behind `billed_batches`: the month's own and its corrections.
+    pub lines: usize,
+    pub log_batches: i64,
+}
+
+impl BilledCharge {
+    pub fn state(&self) -> ChargeState {
+        match self.billed_batches.cmp(&self.log_batches) {
+            std::cmp::Ordering::Equal => ChargeState::Proven,
+            std::cmp::Ordering::Less => ChargeState::NotYetBilled,
+            std::cmp::Ordering::Greater => ChargeState::Unproven,
+        }
+    }
+}
+
+/// What [`check_invoices`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvoiceCheck {
+    /// Every metered charge of the finalized months inside the range.
+    pub charges: Vec<BilledCharge>,
+    /// Finalized invoices whose month is not inside the range (not checked).
+    pub outside: usize,
+}
+
+impl InvoiceCheck {
+    pub fn proven(&self) -> bool {
+        self.charges.iter().all(|c| c.state() != ChargeState::Unproven)
+    }
+}
+
+/// Checks the batch counts of the finalized invoices whose month lies in
+/// `range` against the log's (see the module's documentation).
+pub async fn check_invoices(store: &Store, range: Range, tally: &LogTally) -> Result<InvoiceCheck, ReconcileError> {
+    let mut conn = store.pool().acquire().await?;
+    let filter = Filter {
+        lines: true,
+        ..Filter::default()
+    };
+    let invoices: Vec<_> = invoice_db::invoices(&mut conn, &filter)
+        .await?
+        .into_iter()
+        .filter(|i| i.status == Status::Finalized)
+        .collect();
+    // The log's batches per (tenant, meter), by minute.
+    let mut log: BTreeMap<(&str, &str), BTreeMap<i64, i64>> = BTreeMap::new();
+    for (key, sums) in tally.rollups.rows() {
+        *log.entry((&key.tenant, &key.meter))
+            .or_default()
+            .entry(key.minute)
+            .or_default() += sums.batches;
+    }
+    let mut check = InvoiceCheck::default();
+    // (tenant, period start, charge) → index in check.charges.
+    let mut index: HashMap<(String, i64, String), usize> = HashMap::new();
+    for invoice in &invoices {
+        let period = invoice.period;
+        if !(range.from <= period.start && period.end <= range.to) {
+            check.outside += 1;
+            continue;
+        }
+        for line in &invoice.lines {
+            let (LineKind::Charge, Some(source)) = (line.kind, &line.source) else {
+                continue;
+            };
+            let log_batches = log
+                .get(&(invoice.tenant.as_str(), source.as_str()))
+                .map_or(0, |minutes| {
+                    minutes.range(period.start..period.end).map(|(_, b)| b).sum()
+                });
+            index.insert(
+                (invoice.tenant.clone(), period.start, line.charge.clone()),
+                check.charges.len(),
+            );
+            check.charges.push(BilledCharge {
+                invoice: invoice.id.clone(),
+                tenant: invoice.tenant.clone(),
+                period_start: period.start,
+                period_end: period.end,
+                charge: line.charge.clone(),
+                source: source.clone(),
+                billed_batches: line.batches,
+                lines: 1,
+                log_batches,
+            });
+        }
+    }
+    for invoice in &invoices {
+        for line in &invoice.lines {
+            let (LineKind::Correction, Some(corrected)) = (line.kind, line.corrects_period_start) else {
+                continue;
+            };
+            if let Some(&i) = index.get(&(invoice.tenant.clone(), corrected, line.charge.clone())) {
+                check.charges[i].billed_batches += line.batches;
+                check.charges[i].lines += 1;
+            }
+        }
+    }
+    Ok(check)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use tidemark_billing::quantity::Quantity;
-use tidemark_billing::reconcile::{Range, Report, compare, read_log};
+use tidemark_billing::reconcile::{ChargeState, InvoiceCheck, Range, Report, check_invoices, compare, read_log};
 use tidemark_billing::store::{Store, redact};
 use tidemark_log::args::key_value;
 use tidemark_log::embedded::EmbeddedConfig;
@@ -126,15 +126,57 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
         tally.records, tally.duplicates, tally.undecodable, report.rejected
     );
     print_report(&report, range);
-    if !report.matches() {
-        bail!(
+    let invoices = check_invoices(&store, range, &tally)
+        .await
+        .context("cannot check the finalized invoices")?;
+    print_invoices(&invoices);
+    let unproven = invoices
+        .charges
+        .iter()
+        .filter(|c| c.state() == ChargeState::Unproven)
+        .count();
+    match (report.matches(), unproven) {
+        (true, 0) => Ok(()),
+        (false, 0) => bail!(
             "{} rollup rows of [{}, {}) differ from the log",
             report.differences.len(),
             rfc3339(range.from),
             rfc3339(range.to)
+        ),
+        (true, n) => bail!("{n} finalized charges bill batches the log does not hold"),
+        (false, n) => bail!(
+            "{} rollup rows differ from the log, and {n} finalized charges bill batches the log does not hold",
+            report.differences.len()
+        ),
+    }
+}
+
+fn print_invoices(check: &InvoiceCheck) {
+    let outside = match check.outside {
+        0 => String::new(),
+        n => format!(" ({n} finalized invoices outside the range, not checked)"),
+    };
+    if check.charges.is_empty() {
+        println!("invoices: no finalized month inside the range{outside}");
+        return;
+    }
+    println!(
+        "invoices: {} charges of finalized months checked, batches billed (the month's line and its finalized corrections) against the log{outside}",
+        check.charges.len()
+    );
+    println!("invoice\tcharge\tsource\tbilled_batches\tlog_batches\tlines\tstate");
+    for c in &check.charges {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            c.invoice,
+            c.charge,
+            c.source,
+            c.billed_batches,
+            c.log_batches,
+            c.lines,
+            c.state().as_str()
         );
     }
-    Ok(())
 }
 
 fn print_report(report: &Report, range: Range) {

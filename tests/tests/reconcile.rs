@@ -1,8 +1,11 @@
 //! `tidemark reconcile` on what `tidemark dev` billed: batches (some sent
 //! twice, with custom meters) go through ingest, the API shows custom
 //! quantities as exact decimals and late usage with both minutes, and after
-//! dev stops the log proves the rollups; a rollup row changed in the
-//! database is then found and reconcile exits non-zero.
+//! dev stops the log proves the rollups and the finalized invoices' batch
+//! counts (usage that came after a month was finalized shows as not yet
+//! billed, then proven once a correction bills it); an invoice line or a
+//! rollup row changed in the database is then found and reconcile exits
+//! non-zero.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -11,8 +14,11 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, Request};
 use sqlx::Connection;
-use tidemark_e2e::{billed, bin, get, start_dev};
+use tidemark_e2e::{billed, bin, get, http_client, start_dev};
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
 use tidemark_proto::v1::{TenantUsage, UsageBatch};
@@ -82,6 +88,48 @@ fn reconcile(args: &[&str]) -> (Output, String, String) {
     (output, stdout, stderr)
 }
 
+/// Finalizes invoice `id` through the billing API; the finalized invoice.
+async fn finalize(api: std::net::SocketAddr, id: &str) -> serde_json::Value {
+    let url = format!("http://{api}/v1/invoices/{id}/finalize");
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(&url)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = http_client().request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        status.is_success(),
+        "{url}: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The line of `invoice` of `kind` for `charge`.
+fn line<'a>(invoice: &'a serde_json::Value, kind: &str, charge: &str) -> &'a serde_json::Value {
+    invoice["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == kind && l["charge"] == charge)
+        .unwrap_or_else(|| panic!("no {kind} line for {charge}: {invoice}"))
+}
+
+/// Waits until billing reports `want` requests for acme.
+async fn wait_billed(api: std::net::SocketAddr, want: i64, dev: &tidemark_e2e::Proc) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while billed(api, "acme", "requests").await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never billed {want}:\n{}",
+            dev.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn tamper(db: &Path, sql: &str) {
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite:{}", db.display()))
         .await
@@ -99,7 +147,8 @@ async fn reconcile_proves_what_dev_billed_and_finds_a_changed_row() {
     let dir = tempfile::tempdir().unwrap();
     // Batches from November 2025: older than ingest takes by default, and
     // late (past --late-after) when the ledger commits them.
-    let mut dev = start_dev(dir.path(), &["--max-batch-age=100000days"]);
+    let dev_flags = ["--max-batch-age=100000days", "--default-plan=aws-lambda-x86"];
+    let mut dev = start_dev(dir.path(), &dev_flags);
     let ingest = dev.address("ingest gRPC");
     let api = dev.address("billing HTTP API");
     let admin = dev.address("metrics, healthz, readyz");
@@ -189,8 +238,73 @@ async fn reconcile_proves_what_dev_billed_and_finds_a_changed_row() {
         assert!(metrics.contains(line), "{line}{metrics}");
     }
 
+    // November is billed; then usage for November arrives late.
+    let november = finalize(api, "inv_acme_2025-11").await;
+    assert_eq!(line(&november, "charge", "requests")["batches"], 5, "{november}");
+    let c0 = batch("c", 0, T0 + 20 * MINUTE, vec![usage("acme", 1000, &[])]);
+    deliver(ingest, vec![c0]).await;
+    wait_billed(api, 1117, &dev).await;
+
     assert!(dev.terminate().success(), "{}", dev.output());
     let data_dir = format!("--data-dir={}", dir.path().display());
+    let november_range = [
+        data_dir.as_str(),
+        "--from=2025-11-01T00:00:00Z",
+        "--to=2025-12-01T00:00:00Z",
+    ];
+    let (output, stdout, stderr) = reconcile(&november_range);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("rollups match the log: 6 batches, 11 rollup rows"),
+        "{stdout}{stderr}"
+    );
+    for row in [
+        "inv_acme_2025-11\trequests\trequests\t5\t6\t1\tnot yet billed\n",
+        "inv_acme_2025-11\tgb_seconds\tbilled_duration_us\t0\t0\t1\tproven\n",
+    ] {
+        assert!(stdout.contains(row), "{row}{stdout}");
+    }
+
+    // December's invoice corrects November: proven again, over two lines.
+    let mut dev = start_dev(dir.path(), &dev_flags);
+    let api = dev.address("billing HTTP API");
+    let december = finalize(api, "inv_acme_2025-12").await;
+    assert_eq!(line(&december, "correction", "requests")["batches"], 1, "{december}");
+    assert!(dev.terminate().success(), "{}", dev.output());
+    let months = [
+        data_dir.as_str(),
+        "--from=2025-11-01T00:00:00Z",
+        "--to=2026-01-01T00:00:00Z",
+    ];
+    let (output, stdout, stderr) = reconcile(&months);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    for row in [
+        "inv_acme_2025-11\trequests\trequests\t6\t6\t2\tproven\n",
+        "inv_acme_2025-12\trequests\trequests\t0\t0\t1\tproven\n",
+    ] {
+        assert!(stdout.contains(row), "{row}{stdout}");
+    }
+
+    // An invoice line that bills more batches than the log holds.
+    let db = dir.path().join("billing.db");
+    tamper(
+        &db,
+        "UPDATE invoice_line SET batches = batches + 10
+         WHERE invoice_id = 'inv_acme_2025-11' AND charge = 'requests'",
+    )
+    .await;
+    let (output, stdout, stderr) = reconcile(&months);
+    assert!(!output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("inv_acme_2025-11\trequests\trequests\t16\t6\t2\tUNPROVEN\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rollups match the log"), "{stdout}");
+    assert!(
+        stderr.contains("1 finalized charges bill batches the log does not hold"),
+        "{stderr}"
+    );
+
     let range = [
         data_dir.as_str(),
         "--from=2025-11-24T16:00:00Z",
@@ -202,11 +316,14 @@ async fn reconcile_proves_what_dev_billed_and_finds_a_changed_row() {
         stdout.contains("rollups match the log: 4 batches, 9 rollup rows"),
         "{stdout}{stderr}"
     );
+    assert!(
+        stdout.contains("no finalized month inside the range (2 finalized invoices outside the range"),
+        "{stdout}"
+    );
     assert!(stdout.contains("3 duplicates"), "{stdout}");
     assert!(stdout.contains("1 custom usage values rejected"), "{stdout}");
 
     // One rollup row changed behind the ledger's back.
-    let db = dir.path().join("billing.db");
     let minute = T0 + MINUTE;
     tamper(
         &db,

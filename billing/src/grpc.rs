@@ -3,25 +3,31 @@
 //! - `QueryUsage` answers from the same code as `GET /v1/usage`
 //!   ([`crate::query`]): the same validation, windows and month folding;
 //!   quantities are exact decimal strings.
-//! - `ListInvoices` and `GetInvoice` answer `UNIMPLEMENTED` for now:
-//!   invoices are served over HTTP.
+//! - `ListInvoices` and `GetInvoice` answer from the same code as
+//!   `GET /v1/invoices` and `GET /v1/invoices/{id}` ([`crate::invoice`]);
+//!   money and quantities are exact decimal strings. A tenant token lists
+//!   its own tenant's invoices when it names none.
 //!
 //! Callers present `authorization: Bearer <token>` metadata, checked like
 //! the HTTP API's header ([`crate::auth`]): missing or unknown token
 //! `UNAUTHENTICATED`, another tenant's data `PERMISSION_DENIED`, a bad field
-//! `INVALID_ARGUMENT` with a message naming the field.
+//! `INVALID_ARGUMENT` with a message naming the field; an unknown invoice
+//! is `NOT_FOUND`, a tenant without a plan `FAILED_PRECONDITION`.
 
 use axum::http::StatusCode;
+use tidemark_core::window::now_micros;
 use tidemark_proto::v1::billing_server::{Billing, BillingServer};
 use tidemark_proto::v1::{
-    GetInvoiceRequest, Invoice, ListInvoicesRequest, ListInvoicesResponse, QueryUsageRequest, QueryUsageResponse,
-    UsageRow,
+    GetInvoiceRequest, Invoice, InvoiceLine, InvoiceProblem, ListInvoicesRequest, ListInvoicesResponse,
+    QueryUsageRequest, QueryUsageResponse, UsageRow,
 };
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::api::{ApiError, ApiState};
 use crate::auth::{Auth, Caller};
+use crate::invoice::model::{self, LineKind, Status as InvoiceStatus};
+use crate::invoice::{InvoiceError, Invoicing, ListFilter};
 use crate::quantity::Quantity;
 use crate::query::{self, ParamError, UsageParams};
 use crate::store::Store;
@@ -31,6 +37,7 @@ use crate::store::Store;
 pub struct BillingService {
     store: Store,
     auth: Auth,
+    invoicing: Invoicing,
 }
 
 impl BillingService {
@@ -38,6 +45,7 @@ impl BillingService {
         BillingService {
             store: state.store.clone(),
             auth: state.auth.clone(),
+            invoicing: state.invoicing.clone(),
         }
     }
 
@@ -146,18 +154,120 @@ impl Billing for BillingService {
         &self,
         request: Request<ListInvoicesRequest>,
     ) -> Result<Response<ListInvoicesResponse>, Status> {
-        self.caller(&request)?;
-        Err(invoices_over_http())
+        let caller = self.caller(&request)?;
+        let r = request.get_ref();
+        let mut filter = ListFilter::default();
+        if let Some(tenant) = some(&r.tenant) {
+            tidemark_core::ids::validate_name(tenant)
+                .map_err(|e| Status::invalid_argument(format!("tenant: tenant {e}")))?;
+            caller.may_read(tenant).map_err(status)?;
+            filter.tenant = Some(tenant.to_owned());
+        } else if let Some(own) = caller.tenant() {
+            filter.tenant = Some(own.to_owned());
+        }
+        if let Some(text) = some(&r.status) {
+            filter.status =
+                Some(InvoiceStatus::parse(text).ok_or_else(|| {
+                    Status::invalid_argument(format!("status: {text:?} is not one of draft, finalized"))
+                })?);
+        }
+        let listing = self
+            .invoicing
+            .list(&filter, now_micros())
+            .await
+            .map_err(invoice_status)?;
+        Ok(Response::new(ListInvoicesResponse {
+            invoices: listing.invoices.iter().map(|i| invoice_proto(i, false)).collect(),
+            problems: listing
+                .errors
+                .iter()
+                .map(|(id, e)| InvoiceProblem {
+                    id: id.clone(),
+                    error: e.to_string(),
+                })
+                .collect(),
+        }))
     }
 
     async fn get_invoice(&self, request: Request<GetInvoiceRequest>) -> Result<Response<Invoice>, Status> {
-        self.caller(&request)?;
-        Err(invoices_over_http())
+        let caller = self.caller(&request)?;
+        let id = &request.get_ref().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "id: the invoice id is required (inv_<tenant>_<YYYY-MM>)",
+            ));
+        }
+        let (tenant, _) = self.invoicing.parse_id(id).map_err(invoice_status)?;
+        caller.may_read(&tenant).map_err(status)?;
+        let invoice = self.invoicing.get(id, now_micros()).await.map_err(invoice_status)?;
+        Ok(Response::new(invoice_proto(&invoice, true)))
     }
 }
 
-fn invoices_over_http() -> Status {
-    Status::unimplemented("invoices are served over HTTP for now (GET /v1/invoices on the billing HTTP API)")
+/// The gRPC status for an invoice error, as the HTTP API classes them.
+fn invoice_status(e: InvoiceError) -> Status {
+    let message = e.to_string();
+    match e {
+        InvoiceError::Unknown { .. } => Status::not_found(message),
+        InvoiceError::NoPlan { .. } | InvoiceError::PlanNotLoaded { .. } => Status::failed_precondition(message),
+        InvoiceError::TooEarly { .. } | InvoiceError::AlreadyFinalized { .. } => Status::failed_precondition(message),
+        InvoiceError::Rate { .. } | InvoiceError::Aggregate { .. } => {
+            tracing::error!(error = %message, "cannot price an invoice");
+            Status::internal(message)
+        }
+        InvoiceError::Db(_) => {
+            tracing::error!(error = %message, "invoice query failed");
+            Status::internal("invoice query failed")
+        }
+    }
+}
+
+/// `invoice` on the wire, with its lines if `with_lines`.
+fn invoice_proto(invoice: &model::Invoice, with_lines: bool) -> Invoice {
+    let lines = if with_lines {
+        invoice.lines.iter().map(line_proto).collect()
+    } else {
+        Vec::new()
+    };
+    Invoice {
+        id: invoice.id.clone(),
+        tenant: invoice.tenant.clone(),
+        period_start_unix_micros: invoice.period.start,
+        period_end_unix_micros: invoice.period.end,
+        status: invoice.status.as_str().to_owned(),
+        currency: invoice.currency.clone(),
+        lines,
+        subtotal: invoice.subtotal.to_string(),
+        finalized_at_unix_micros: invoice.finalized_at.unwrap_or(0),
+        total: invoice.total.to_string(),
+        plan: invoice.plan.name.clone(),
+        plan_version: invoice.plan.version,
+        time_zone: invoice.time_zone.clone(),
+    }
+}
+
+fn line_proto(line: &model::Line) -> InvoiceLine {
+    InvoiceLine {
+        meter: line.source.clone().unwrap_or_default(),
+        description: line.description.clone(),
+        quantity: line.quantity.to_string(),
+        allowance: line.allowance.to_string(),
+        unit_price: line.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+        amount: line.amount.to_string(),
+        usage_from_unix_micros: line.usage_from.unwrap_or(0),
+        usage_to_unix_micros: line.usage_to.unwrap_or(0),
+        batches: u64::try_from(line.batches).unwrap_or(0),
+        corrects_period_start_unix_micros: line.corrects_period_start.unwrap_or(0),
+        line_no: line.line_no,
+        kind: match line.kind {
+            LineKind::Charge => "charge",
+            LineKind::Minimum => "minimum",
+            LineKind::Correction => "correction",
+        }
+        .to_owned(),
+        charge: line.charge.clone(),
+        usage: line.usage.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tidemark_e2e::{bin, get, start_dev};
 use tidemark_proto::v1::billing_client::BillingClient;
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
-use tidemark_proto::v1::{QueryUsageRequest, TenantUsage, UsageBatch};
+use tidemark_proto::v1::{GetInvoiceRequest, ListInvoicesRequest, QueryUsageRequest, TenantUsage, UsageBatch};
 
 const ADMIN: &str = "admin-token-e2e-00001";
 const ACME: &str = "acme-token-e2e-000001";
@@ -206,7 +206,7 @@ async fn tenant_tokens_read_only_their_tenant_over_http_grpc_and_the_cli() {
         ("tenant=acme&window=week", "window"),
         ("tenant=acme&from=yesterday", "from"),
         ("tenant=acme&from=2025-11-25T00:00:00Z&to=2025-11-24T00:00:00Z", "to"),
-        ("tenant=acme&meter=tokens", "meter"),
+        ("tenant=acme&meter=tokens%3F", "meter"),
         ("tenant=acme&group_by=tenant", "group_by"),
         ("tenant=acme&service=a%20b", "service"),
         ("tenant=a%20b", "tenant"),
@@ -347,4 +347,142 @@ async fn a_bad_tokens_file_stops_the_start_naming_file_key_and_reason() {
         output.contains("check --api-tokens") && output.contains(&want),
         "{output}"
     );
+}
+
+/// A gRPC request carrying `token`.
+fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_invoices_match_http_and_keep_to_the_token_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("api-tokens.toml");
+    std::fs::write(&tokens, TOKENS).unwrap();
+    let dev = start_dev(
+        &dir.path().join("data"),
+        &[
+            &format!("--api-tokens={}", tokens.display()),
+            "--max-batch-age=100000days",
+            "--default-plan=cloud-run-request",
+        ],
+    );
+    let api = dev.address("billing HTTP API");
+    let grpc = dev.address("billing gRPC");
+    deliver(
+        dev.address("ingest gRPC"),
+        vec![batch("shop", "s1", T0, &[("acme", 3_000_000), ("globex", 100)])],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while requests(api, "acme").await != 3_000_000 {
+        assert!(tokio::time::Instant::now() < deadline, "usage never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut client = BillingClient::connect(format!("http://{grpc}")).await.unwrap();
+
+    // GetInvoice: the same invoice as GET /v1/invoices/{id}, to the last line.
+    let id = "inv_acme_2025-11";
+    let invoice = client
+        .get_invoice(with_token(ACME, GetInvoiceRequest { id: id.into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let (status, http) = get_as(&format!("http://{api}/v1/invoices/{id}"), Some(ACME)).await;
+    assert_eq!(status, StatusCode::OK, "{http}");
+    assert_eq!(
+        (invoice.id.as_str(), invoice.tenant.as_str(), invoice.status.as_str()),
+        (id, "acme", "draft")
+    );
+    assert_eq!(invoice.total, http["total"].as_str().unwrap());
+    assert_eq!(invoice.subtotal, http["subtotal"].as_str().unwrap());
+    assert_eq!(invoice.currency, http["currency"].as_str().unwrap());
+    assert_eq!((invoice.plan.as_str(), invoice.plan_version), ("cloud-run-request", 1));
+    let grpc_lines: Vec<(String, String, String)> = invoice
+        .lines
+        .iter()
+        .map(|l| (l.charge.clone(), l.quantity.clone(), l.amount.clone()))
+        .collect();
+    let http_lines: Vec<(String, String, String)> = http["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let text = |key: &str| l[key].as_str().unwrap().to_owned();
+            (text("charge"), text("quantity"), text("amount"))
+        })
+        .collect();
+    assert!(!grpc_lines.is_empty());
+    assert_eq!(grpc_lines, http_lines);
+    let requests_line = invoice.lines.iter().find(|l| l.meter == "requests").unwrap();
+    assert_eq!((requests_line.usage.as_str(), requests_line.batches), ("3000000", 1));
+
+    // Another tenant's invoice, an unknown id, no token.
+    let denied = client
+        .get_invoice(with_token(
+            ACME,
+            GetInvoiceRequest {
+                id: "inv_globex_2025-11".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let unknown = client
+        .get_invoice(with_token(ACME, GetInvoiceRequest { id: "invoice-7".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let anonymous = client
+        .get_invoice(GetInvoiceRequest { id: id.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{anonymous:?}");
+
+    // ListInvoices: a tenant token lists its own tenant, as HTTP does.
+    let listed = client
+        .list_invoices(with_token(ACME, ListInvoicesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (status, http) = get_as(&format!("http://{api}/v1/invoices"), Some(ACME)).await;
+    assert_eq!(status, StatusCode::OK, "{http}");
+    let grpc_ids: Vec<&str> = listed.invoices.iter().map(|i| i.id.as_str()).collect();
+    let http_ids: Vec<&str> = http["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert!(!grpc_ids.is_empty());
+    assert_eq!(grpc_ids, http_ids);
+    assert!(listed.invoices.iter().all(|i| i.tenant == "acme"), "{listed:?}");
+    let denied = client
+        .list_invoices(with_token(
+            ACME,
+            ListInvoicesRequest {
+                tenant: "globex".into(),
+                ..ListInvoicesRequest::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let invalid = client
+        .list_invoices(with_token(
+            ADMIN,
+            ListInvoicesRequest {
+                status: "paid".into(),
+                ..ListInvoicesRequest::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
+    assert!(invalid.message().starts_with("status: "), "{invalid:?}");
 }

@@ -339,16 +339,27 @@ mod tests {
     #[test]
     fn quantities_are_shown_as_integers_or_exact_decimal_strings() {
         assert_eq!(Quantity::of("requests", 12), Quantity::Integer(12));
-        for (nanos, text) in [(0, "0"), (1, "0.000000001"), (12_500_000_000, "12.5"), (-1_500_000_000, "-1.5")] {
+        for (nanos, text) in [
+            (0, "0"),
+            (1, "0.000000001"),
+            (12_500_000_000, "12.5"),
+            (-1_500_000_000, "-1.5"),
+        ] {
             assert_eq!(Quantity::of_total("tokens", nanos), Quantity::Decimal(text.into()));
-            assert_eq!(Quantity::of_total("tokens", nanos).to_string(), to_decimal("tokens", nanos as i64).to_string());
+            assert_eq!(
+                Quantity::of_total("tokens", nanos).to_string(),
+                to_decimal("tokens", nanos as i64).to_string()
+            );
         }
         let beyond_i64 = i128::from(i64::MAX) * 3 + 7;
         assert_eq!(
             Quantity::of_total("tokens", beyond_i64),
             Quantity::Decimal("27670116110.564327428".into())
         );
-        assert_eq!(Quantity::of_total("bytes_out", beyond_i64), Quantity::Integer(beyond_i64));
+        assert_eq!(
+            Quantity::of_total("bytes_out", beyond_i64),
+            Quantity::Integer(beyond_i64)
+        );
         let back: Vec<Quantity> = serde_json::from_str(r#"[12, "0.5"]"#).expect("json");
         assert_eq!(back, [Quantity::Integer(12), Quantity::Decimal("0.5".into())]);
         assert_eq!(Quantity::of("tokens", 12_500_000_000), Quantity::Decimal("12.5".into()));

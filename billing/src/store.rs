@@ -130,6 +130,11 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
 ];
 
+/// The schema version this build migrates to (`tidemark_schema`'s newest row after [`Store::open`]).
+pub const fn latest_schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
 /// One row of rolled-up usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {

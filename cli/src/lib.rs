@@ -2,6 +2,7 @@
 
 pub mod demo_app;
 pub mod dev;
+pub mod doctor;
 pub mod http1;
 pub mod invoice;
 pub mod loadgen;

@@ -28,6 +28,8 @@ enum Command {
     Usage(tidemark::usage::UsageArgs),
     /// Prove billing's rollups from the raw usage log over a range of minutes; exits non-zero on any difference.
     Reconcile(tidemark::reconcile::ReconcileArgs),
+    /// Check a deployment (collector, Kafka topics, billing's database, price plans) and say what to change.
+    Doctor(tidemark::doctor::DoctorArgs),
     /// List, show and finalize invoices through the billing API.
     Invoice(tidemark::invoice::InvoiceArgs),
 }
@@ -43,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Loadgen(args) => tidemark::loadgen::run(args, shutdown).await,
         Command::Usage(args) => tidemark::usage::run(args).await,
         Command::Reconcile(args) => tidemark::reconcile::run(args).await,
+        Command::Doctor(args) => tidemark::doctor::run(args).await,
         Command::Invoice(args) => tidemark::invoice::run(args).await,
         Command::Simulate(args) => tokio::task::spawn_blocking(move || tidemark::simulate::run(args)).await?,
     }

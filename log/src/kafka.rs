@@ -300,3 +300,86 @@ impl KafkaConsumer {
             .map_err(kafka_err("commit"))
     }
 }
+
+/// A topic as the brokers have it: for checks such as `tidemark doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: usize,
+    /// The fewest replicas any partition has.
+    pub replication_factor: usize,
+    /// The topic's effective configuration (`cleanup.policy`, `retention.ms`,
+    /// `min.insync.replicas`, ...), defaults included, sensitive values left out.
+    pub configs: std::collections::BTreeMap<String, String>,
+}
+
+impl TopicDescription {
+    /// Whether Kafka compacts the topic (`cleanup.policy` includes `compact`).
+    pub fn is_compacted(&self) -> bool {
+        self.configs
+            .get("cleanup.policy")
+            .is_some_and(|p| p.split(',').any(|p| p.trim() == "compact"))
+    }
+}
+
+impl KafkaLog {
+    /// Describes `topic`, read-only: its partitions and replicas from the
+    /// cluster metadata and its configuration from the brokers. `None` if
+    /// the topic does not exist. Asks for the metadata of every topic, so
+    /// that a broker with `auto.create.topics.enable` never creates it.
+    pub async fn describe_topic(&self, topic: &str) -> Result<Option<TopicDescription>, LogError> {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        let found = tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(None, Timeout::After(CONNECT_TIMEOUT))
+                .map_err(kafka_err("read cluster metadata"))?;
+            Ok::<_, LogError>(
+                metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == name && t.error().is_none())
+                    .map(|t| {
+                        let replicas = t.partitions().iter().map(|p| p.replicas().len()).min();
+                        (t.partitions().len(), replicas.unwrap_or(0))
+                    }),
+            )
+        })
+        .await
+        .map_err(|_| LogError::Closed)??;
+        let Some((partitions, replication_factor)) = found else {
+            return Ok(None);
+        };
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .client_config()
+            .create()
+            .map_err(kafka_err("create admin client"))?;
+        let options = AdminOptions::new().request_timeout(Some(CONNECT_TIMEOUT));
+        let resource = rdkafka::admin::ResourceSpecifier::Topic(topic);
+        let results = admin
+            .describe_configs([&resource], &options)
+            .await
+            .map_err(kafka_err("describe topic configs"))?;
+        let mut configs = std::collections::BTreeMap::new();
+        for result in results {
+            let resource = result.map_err(|code| LogError::Kafka {
+                action: "describe topic configs",
+                source: KafkaError::AdminOp(code),
+            })?;
+            for entry in resource.entries {
+                if let (false, Some(value)) = (entry.is_sensitive, entry.value) {
+                    configs.insert(entry.name, value);
+                }
+            }
+        }
+        Ok(Some(TopicDescription {
+            name: topic.to_owned(),
+            partitions,
+            replication_factor,
+            configs,
+        }))
+    }
+}

@@ -27,7 +27,7 @@ use rust_decimal::Decimal;
 use sqlx::AnyConnection;
 use tidemark_core::window::minute_start;
 
-use crate::pricing::{Plan, Pricing, RateError, Rated, RatedLine, exact, rate};
+use crate::pricing::{Aggregation, Plan, Pricing, RateError, Rated, RatedLine, exact, rate};
 use crate::store::Store;
 use crate::subscriptions::{Catalog, PlanId, plan_for};
 use aggregate::{AggregateError, Aggregated, aggregate};
@@ -457,13 +457,13 @@ impl Invoicing {
         plan: &Plan,
     ) -> Result<BTreeMap<String, Aggregated>, InvoiceError> {
         let sources = plan.sources_aggregated();
-        let meters: Vec<&str> = sources.keys().copied().collect();
-        let rows = db::minute_usage(conn, tenant, period.start, period.end, &meters).await?;
+        let meters: Vec<(&str, Aggregation)> = sources.iter().map(|(m, a)| (*m, *a)).collect();
+        let summaries = db::meter_usage(conn, tenant, period.start, period.end, &meters).await?;
         let mut usage = BTreeMap::new();
         for (meter, aggregation) in sources {
-            let minutes = rows.get(meter).map_or(&[][..], Vec::as_slice);
+            let summary = summaries.get(meter).copied().unwrap_or_default();
             let digits = crate::quantity::scale_digits(meter);
-            let aggregated = aggregate(meter, aggregation, minutes, period.minutes(), digits).map_err(|source| {
+            let aggregated = aggregate(meter, aggregation, &summary, period.minutes(), digits).map_err(|source| {
                 InvoiceError::Aggregate {
                     tenant: tenant.to_owned(),
                     period: period.label(),

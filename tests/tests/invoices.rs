@@ -518,6 +518,29 @@ async fn aggregations(url: String) {
         (reports.usage_from, reports.usage_to, reports.batches),
         (Some(at("2026-11-03T00:01:00Z")), Some(at("2026-11-10T12:01:00Z")), 3)
     );
+
+    // Sums beyond a BIGINT stay exact: 2 × 5e18 byte-µs over 43,200 minutes.
+    let heavy = TenantUsage {
+        tenant: "heavy".into(),
+        memory_byte_micros: 5_000_000_000_000_000_000,
+        ..TenantUsage::default()
+    };
+    f.commit(
+        at("2026-11-20T00:00:00Z"),
+        &[
+            ("a", "2026-11-04T00:00:00Z", heavy.clone()),
+            ("a", "2026-11-05T00:00:00Z", heavy),
+        ],
+    )
+    .await;
+    let invoice = f.invoicing.draft("heavy", &f.period(2026, 11)).await.unwrap();
+    let mean = line(&invoice, LineKind::Charge, "mean_memory");
+    assert_eq!(
+        mean.usage,
+        d("231481481481481.481481481"),
+        "1e19 / 43200, half-even at 9 places"
+    );
+    assert_eq!(mean.amount.to_string(), "231481481481481.48");
 }
 
 /// Without a subscription or a default plan there is no invoice to draft.

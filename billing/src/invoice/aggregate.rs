@@ -1,6 +1,7 @@
-//! A period's per-minute usage of one meter, aggregated into the one
-//! quantity a charge rates, with the usage range and the batches behind it.
-//! Pure functions: the store reads the rows, these only count.
+//! A period's usage of one meter, aggregated into the one quantity a
+//! charge rates, with the usage range and the batches behind it. The store
+//! summarizes the rollups per meter in SQL ([`MeterUsage`]); these pure
+//! functions only turn a summary into the quantity.
 
 use rust_decimal::Decimal;
 use tidemark_core::window::MICROS_PER_MINUTE;
@@ -15,6 +16,43 @@ pub struct MinuteUsage {
     pub quantity: i64,
     /// Batch contributions behind the quantity.
     pub batches: i64,
+}
+
+/// What the aggregations need to know of one meter's rollups over a
+/// period (all services), as the store summarizes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeterUsage {
+    /// Σ quantity, in stored units (i128: a month of byte-µs passes i64).
+    pub sum: i128,
+    /// Σ batch contributions.
+    pub batches: i64,
+    /// First and last minute with a rollup row.
+    pub first: Option<i64>,
+    pub last: Option<i64>,
+    /// Minutes whose quantity (all services) is not 0.
+    pub active_minutes: i64,
+    /// The largest quantity of one minute (all services); filled only when
+    /// asked for (`max`).
+    pub max_minute: i64,
+    /// The quantity of the last minute (all services); filled only when
+    /// asked for (`latest`).
+    pub latest: i64,
+}
+
+impl MeterUsage {
+    /// The summary of per-minute rows (one per minute, any order).
+    pub fn from_minutes(rows: &[MinuteUsage]) -> MeterUsage {
+        let last = rows.iter().max_by_key(|r| r.minute);
+        MeterUsage {
+            sum: rows.iter().map(|r| i128::from(r.quantity)).sum(),
+            batches: rows.iter().map(|r| r.batches).sum(),
+            first: rows.iter().map(|r| r.minute).min(),
+            last: last.map(|r| r.minute),
+            active_minutes: rows.iter().filter(|r| r.quantity != 0).count() as i64,
+            max_minute: rows.iter().map(|r| r.quantity).max().unwrap_or(0),
+            latest: last.map_or(0, |r| r.quantity),
+        }
+    }
 }
 
 /// A meter's usage over a period, aggregated one way.
@@ -47,59 +85,50 @@ pub const TIME_WEIGHTED_PLACES: u32 = 9;
 pub enum AggregateError {
     #[error("the {aggregation} of meter {meter:?} does not fit a 28-digit decimal")]
     TooLarge { meter: String, aggregation: &'static str },
-    #[error("meter {meter:?} has a negative quantity in the minute starting at {minute} µs")]
-    Negative { meter: String, minute: i64 },
+    #[error("meter {meter:?} has negative usage")]
+    Negative { meter: String },
 }
 
-/// Aggregates `rows` (one meter, any order, one row per minute) over a
-/// period of `period_minutes` minutes. Stored quantities have `digits`
-/// decimal places (0 for built-in meters, 9 for custom ones: see
-/// [`crate::quantity`]); counts are whole.
+/// Aggregates one meter's `usage` over a period of `period_minutes`
+/// minutes. Stored quantities have `digits` decimal places (0 for built-in
+/// meters, 9 for custom ones: see [`crate::quantity`]); counts are whole.
 pub fn aggregate(
     meter: &str,
     aggregation: Aggregation,
-    rows: &[MinuteUsage],
+    usage: &MeterUsage,
     period_minutes: i64,
     digits: u32,
 ) -> Result<Aggregated, AggregateError> {
-    if let Some(row) = rows.iter().find(|r| r.quantity < 0) {
+    if usage.sum < 0 || usage.max_minute < 0 || usage.latest < 0 {
         return Err(AggregateError::Negative {
             meter: meter.to_owned(),
-            minute: row.minute,
         });
     }
-    let Some(first) = rows.iter().map(|r| r.minute).min() else {
+    let (Some(first), Some(last)) = (usage.first, usage.last) else {
         return Ok(Aggregated::NONE);
     };
-    let last = rows.iter().map(|r| r.minute).max().unwrap_or(first);
-    let batches = rows.iter().map(|r| r.batches).sum();
     let too_large = || AggregateError::TooLarge {
         meter: meter.to_owned(),
         aggregation: aggregation.as_str(),
     };
-    let sum = || rows.iter().map(|r| i128::from(r.quantity)).sum::<i128>();
     let stored = |n: i128| {
         Decimal::try_from_i128_with_scale(n, digits)
             .map(|d| d.normalize())
             .map_err(|_| too_large())
     };
-    let usage = match aggregation {
-        Aggregation::Sum => stored(sum())?,
-        Aggregation::Count => Decimal::from(batches),
-        Aggregation::Max => stored(rows.iter().map(|r| i128::from(r.quantity)).max().unwrap_or(0))?,
-        Aggregation::Latest => stored(
-            rows.iter()
-                .max_by_key(|r| r.minute)
-                .map_or(0, |r| i128::from(r.quantity)),
-        )?,
-        Aggregation::UniqueCount => Decimal::from(rows.iter().filter(|r| r.quantity != 0).count()),
-        Aggregation::TimeWeighted => mean(sum(), period_minutes.max(1), digits).ok_or_else(too_large)?,
+    let quantity = match aggregation {
+        Aggregation::Sum => stored(usage.sum)?,
+        Aggregation::Count => Decimal::from(usage.batches),
+        Aggregation::Max => stored(i128::from(usage.max_minute))?,
+        Aggregation::Latest => stored(i128::from(usage.latest))?,
+        Aggregation::UniqueCount => Decimal::from(usage.active_minutes),
+        Aggregation::TimeWeighted => mean(usage.sum, period_minutes.max(1), digits).ok_or_else(too_large)?,
     };
     Ok(Aggregated {
-        usage,
+        usage: quantity,
         from: Some(first),
         to: Some(last + MICROS_PER_MINUTE),
-        batches,
+        batches: usage.batches,
     })
 }
 
@@ -143,7 +172,7 @@ mod tests {
     }
 
     fn agg(aggregation: Aggregation) -> Aggregated {
-        aggregate("m", aggregation, &rows(), 60, 0).expect("aggregate")
+        aggregate("m", aggregation, &MeterUsage::from_minutes(&rows()), 60, 0).expect("aggregate")
     }
 
     #[test]
@@ -183,14 +212,24 @@ mod tests {
     #[test]
     fn nothing_used_is_zero_with_no_range() {
         for aggregation in Aggregation::ALL {
-            assert_eq!(aggregate("m", aggregation, &[], 60, 0), Ok(Aggregated::NONE));
+            assert_eq!(
+                aggregate("m", aggregation, &MeterUsage::default(), 60, 0),
+                Ok(Aggregated::NONE)
+            );
         }
     }
 
     #[test]
     fn sums_beyond_64_bits_stay_exact() {
         let big = [row(1, i64::MAX, 1), row(2, i64::MAX, 1)];
-        let a = aggregate("memory_byte_us", Aggregation::Sum, &big, 60, 0).expect("fits a decimal");
+        let a = aggregate(
+            "memory_byte_us",
+            Aggregation::Sum,
+            &MeterUsage::from_minutes(&big),
+            60,
+            0,
+        )
+        .expect("fits a decimal");
         assert_eq!(a.usage, Decimal::from(i64::MAX) * Decimal::TWO);
     }
 
@@ -198,8 +237,9 @@ mod tests {
     fn custom_meters_come_back_in_their_unit_and_counts_stay_whole() {
         // 0.25 and 1.5 tokens, stored in nano-units.
         let nanos = [row(1, 250_000_000, 1), row(2, 1_500_000_000, 2)];
+        let summary = MeterUsage::from_minutes(&nanos);
         let of = |aggregation| {
-            aggregate("tokens", aggregation, &nanos, 60, 9)
+            aggregate("tokens", aggregation, &summary, 60, 9)
                 .expect("aggregate")
                 .usage
         };
@@ -213,7 +253,8 @@ mod tests {
 
     #[test]
     fn negative_quantities_are_refused() {
-        let err = aggregate("m", Aggregation::Sum, &[row(1, -1, 1)], 60, 0).expect_err("negative");
+        let summary = MeterUsage::from_minutes(&[row(1, -1, 1)]);
+        let err = aggregate("m", Aggregation::Sum, &summary, 60, 0).expect_err("negative");
         assert!(matches!(err, AggregateError::Negative { .. }), "{err}");
     }
 }

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use sqlx::{AnyConnection, Row};
 
-use super::aggregate::MinuteUsage;
+use super::aggregate::MeterUsage;
 use super::model::{Correction, Invoice, Line, LineKind, MINIMUM_CHARGE, Status, parse_invoice_id};
 use super::period::Period;
-use crate::pricing::TierLine;
+use crate::pricing::{Aggregation, TierLine};
 use crate::subscriptions::{PlanId, Subscription};
 
 /// Why stored data could not be read or written.
@@ -36,38 +36,106 @@ fn placeholders(from: usize, count: usize) -> String {
         .join(", ")
 }
 
-/// Per-minute usage (services added up) of `meters` for `tenant` in
-/// `[from, to)`, per meter, oldest minute first.
-pub async fn minute_usage(
+/// Splits quantities in SQL so that sums of them never pass a BIGINT:
+/// `Σ q = Σ (q / 10⁹) × 10⁹ + Σ (q % 10⁹)`, each part far from overflowing.
+const SPLIT: i64 = 1_000_000_000;
+
+/// The usage of `meters` (each with its aggregation) by `tenant` in
+/// `[from, to)`, all services, summarized per meter in SQL: sums, batches,
+/// range and active minutes always; the largest minute for `max`, the last
+/// minute's quantity for `latest`. Meters without usage are absent.
+pub async fn meter_usage(
     conn: &mut AnyConnection,
     tenant: &str,
     from: i64,
     to: i64,
-    meters: &[&str],
-) -> Result<BTreeMap<String, Vec<MinuteUsage>>, DbError> {
-    let mut usage: BTreeMap<String, Vec<MinuteUsage>> = BTreeMap::new();
+    meters: &[(&str, Aggregation)],
+) -> Result<BTreeMap<String, MeterUsage>, DbError> {
+    let mut usage: BTreeMap<String, MeterUsage> = BTreeMap::new();
     if meters.is_empty() {
         return Ok(usage);
     }
+    let names: Vec<&str> = meters.iter().map(|(m, _)| *m).collect();
+    let in_meters = placeholders(5, names.len());
     let sql = format!(
-        "SELECT meter, minute, CAST(SUM(quantity) AS BIGINT), CAST(SUM(batches) AS BIGINT)
+        "SELECT meter,
+                CAST(SUM(quantity / $4) AS BIGINT), CAST(SUM(quantity % $4) AS BIGINT),
+                CAST(SUM(batches) AS BIGINT), MIN(minute), MAX(minute),
+                COUNT(DISTINCT CASE WHEN quantity <> 0 THEN minute END)
          FROM usage_rollup
-         WHERE tenant = $1 AND minute >= $2 AND minute < $3 AND meter IN ({})
-         GROUP BY meter, minute
-         ORDER BY meter, minute",
-        placeholders(4, meters.len())
+         WHERE tenant = $1 AND minute >= $2 AND minute < $3 AND meter IN ({in_meters})
+         GROUP BY meter"
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant).bind(from).bind(to);
-    for meter in meters {
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(from)
+        .bind(to)
+        .bind(SPLIT);
+    for meter in &names {
         query = query.bind(*meter);
     }
     for row in query.fetch_all(&mut *conn).await? {
         let meter: String = row.try_get(0)?;
-        usage.entry(meter).or_default().push(MinuteUsage {
-            minute: row.try_get(1)?,
-            quantity: row.try_get(2)?,
-            batches: row.try_get(3)?,
-        });
+        let high: i64 = row.try_get(1)?;
+        let low: i64 = row.try_get(2)?;
+        usage.insert(
+            meter,
+            MeterUsage {
+                sum: i128::from(high) * i128::from(SPLIT) + i128::from(low),
+                batches: row.try_get(3)?,
+                first: row.try_get(4)?,
+                last: row.try_get(5)?,
+                active_minutes: row.try_get(6)?,
+                max_minute: 0,
+                latest: 0,
+            },
+        );
+    }
+    let wanting = |usage: &BTreeMap<String, MeterUsage>, aggregation: Aggregation| -> Vec<&str> {
+        meters
+            .iter()
+            .filter(|(m, a)| *a == aggregation && usage.contains_key(*m))
+            .map(|(m, _)| *m)
+            .collect()
+    };
+    let maxed = wanting(&usage, Aggregation::Max);
+    if !maxed.is_empty() {
+        let sql = format!(
+            "SELECT meter, CAST(MAX(q) AS BIGINT) FROM (
+                 SELECT meter, minute, SUM(quantity) AS q FROM usage_rollup
+                 WHERE tenant = $1 AND minute >= $2 AND minute < $3 AND meter IN ({})
+                 GROUP BY meter, minute
+             ) AS per_minute
+             GROUP BY meter",
+            placeholders(4, maxed.len())
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant).bind(from).bind(to);
+        for meter in &maxed {
+            query = query.bind(*meter);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let meter: String = row.try_get(0)?;
+            if let Some(u) = usage.get_mut(&meter) {
+                u.max_minute = row.try_get(1)?;
+            }
+        }
+    }
+    for meter in wanting(&usage, Aggregation::Latest) {
+        let Some(last) = usage.get(meter).and_then(|u| u.last) else {
+            continue;
+        };
+        let latest: i64 = sqlx::query(
+            "SELECT CAST(SUM(quantity) AS BIGINT) FROM usage_rollup WHERE tenant = $1 AND meter = $2 AND minute = $3",
+        )
+        .bind(tenant)
+        .bind(meter)
+        .bind(last)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+        if let Some(u) = usage.get_mut(meter) {
+            u.latest = latest;
+        }
     }
     Ok(usage)
 }

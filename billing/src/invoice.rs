@@ -124,6 +124,14 @@ impl crate::BillingArgs {
     /// plan fails, naming its file, key and reason).
     pub fn invoicing(&self, store: Store) -> Result<Invoicing, crate::subscriptions::CatalogError> {
         let catalog = Catalog::load(self.plans_dir.as_deref(), self.default_plan.as_deref())?;
+        if self.collection_wait < self.late_after {
+            tracing::warn!(
+                collection_wait = ?self.collection_wait,
+                late_after = ?self.late_after,
+                "--collection-wait is shorter than --late-after: usage arriving after a month is finalized may \
+                 not be in the late-usage record, and its correction lines then show the whole month's range"
+            );
+        }
         tracing::info!(
             plans = %catalog.describe(),
             from = %self.plans_dir.as_ref().map_or_else(|| "built in".to_owned(), |d| d.display().to_string()),

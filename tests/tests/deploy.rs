@@ -282,7 +282,7 @@ fn generated_config_maps(kustomization: &Yaml, problems: &mut Vec<String>) -> BT
             if !kube_dir().join(&file).is_file() {
                 problems.push(format!("kustomization.yaml: configMapGenerator {name}: no file {file}"));
             }
-            keys.insert(file);
+            keys.insert(file.rsplit('/').next().unwrap().to_owned());
         }
         maps.insert(name, keys);
     }
@@ -328,6 +328,59 @@ fn program_of(container: &Yaml) -> Option<(String, Vec<String>)> {
         return Some(("tidemark-sidecar".to_owned(), args));
     }
     None
+}
+
+/// Every absolute path a flag names lies on a volume the container mounts:
+/// a file a ConfigMap or Secret has, or anywhere in an emptyDir.
+fn check_paths(
+    at: &str,
+    settings: &Settings,
+    container: &Yaml,
+    volumes: &BTreeMap<String, &Yaml>,
+    config_maps: &BTreeMap<String, BTreeSet<String>>,
+    p: &mut Vec<String>,
+) {
+    for (flag, value) in &settings.values {
+        let Some(path) = value.as_deref().filter(|v| v.starts_with('/')) else {
+            continue;
+        };
+        let mount = list(&container["volumeMounts"]).iter().find_map(|m| {
+            let dir = s(&m["mountPath"])?;
+            let rest = path.strip_prefix(dir.as_str())?;
+            (rest.is_empty() || rest.starts_with('/'))
+                .then(|| (s(&m["name"]).unwrap(), rest.trim_start_matches('/').to_owned()))
+        });
+        let Some((volume_name, rest)) = mount else {
+            p.push(format!("{at}: {flag}={path} is on no volume the container mounts"));
+            continue;
+        };
+        let Some(volume) = volumes.get(&volume_name) else {
+            p.push(format!(
+                "{at}: mounts volume {volume_name}, which the pod does not have"
+            ));
+            continue;
+        };
+        let files: Option<BTreeSet<String>> = if let Some(map) = s(&volume["configMap"]["name"]) {
+            config_maps.get(&map).cloned()
+        } else if !volume["secret"].is_badvalue() {
+            Some(
+                list(&volume["secret"]["items"])
+                    .iter()
+                    .filter_map(|i| s(&i["path"]))
+                    .collect(),
+            )
+        } else {
+            None // emptyDir: anything goes
+        };
+        if let Some(files) = files
+            && !rest.is_empty()
+            && !files.contains(&rest)
+        {
+            p.push(format!(
+                "{at}: {flag}={path}: volume {volume_name} has no file {rest} (it has {files:?})"
+            ));
+        }
+    }
 }
 
 /// Everything the Kubernetes manifests say, checked; the problems found.
@@ -469,6 +522,7 @@ fn check_kubernetes(helps: &Helps, docs: &[(String, Yaml)]) -> Vec<String> {
                 env.push((var_name, s(&var["value"])));
             }
             let settings = settings(helps, &at, &program, &args, &env, p);
+            check_paths(&at, &settings, container, &volumes, &config_maps, p);
             let ports: BTreeMap<String, u16> = list(&container["ports"])
                 .iter()
                 .map(|port| {
@@ -675,6 +729,30 @@ fn check_kubernetes(helps: &Helps, docs: &[(String, Yaml)]) -> Vec<String> {
             }
         }
     }
+    // Billing's plans: the generated ConfigMap holds every plan file, they load,
+    // and the default plan is one of them.
+    let plan_files: BTreeSet<String> = std::fs::read_dir(kube_dir().join("plans"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    if config_maps.get("billing-plans") != Some(&plan_files) {
+        p.push(format!(
+            "kustomization.yaml: billing-plans holds {:?}, plans/ has {plan_files:?}",
+            config_maps.get("billing-plans")
+        ));
+    }
+    match tidemark_billing::pricing::load_dir(&kube_dir().join("plans")) {
+        Ok(plans) => {
+            for c in &containers {
+                if let Some(default) = c.settings.get("--default-plan")
+                    && !plans.iter().any(|plan| plan.name == default)
+                {
+                    p.push(format!("{}: --default-plan {default} is no plan in plans/", c.at));
+                }
+            }
+        }
+        Err(e) => p.push(format!("plans/: {e}")),
+    }
     problems
 }
 
@@ -791,7 +869,19 @@ fn check_systemd(
                     let name = name.rsplit('/').next().unwrap().to_owned();
                     match env_files.get(&name) {
                         Some(text) => {
-                            used_env_files.insert(name);
+                            used_env_files.insert(name.clone());
+                            // Commented-out settings must be real ones too.
+                            for line in text.lines().filter_map(|l| l.strip_prefix('#')) {
+                                let Some((key, _)) = line.trim().split_once('=') else {
+                                    continue;
+                                };
+                                if key.starts_with("TIDEMARK_")
+                                    && !key.contains(' ')
+                                    && helps.get(&program).is_some_and(|h| h.flag_of_env(key).is_none())
+                                {
+                                    problems.push(format!("deploy/systemd/{name}: {program} reads no variable {key}"));
+                                }
+                            }
                             // The file's settings override the unit's.
                             for (k, v) in parse_env_file(text) {
                                 env.retain(|(e, _)| *e != k);
@@ -923,6 +1013,21 @@ fn a_typo_fails_the_checks() {
         "--upstream",
     );
     must_find(broken("service: shop", "service: shopp"), "shopp");
+    must_find(
+        broken("scaling/scaling.toml", "scaling/scaling.tml"),
+        "has no file scaling.tml",
+    );
+    must_find(
+        broken(
+            "--api-tokens=/etc/tidemark/billing/",
+            "--api-tokens=/etc/tidemark/biling/",
+        ),
+        "on no volume",
+    );
+    must_find(
+        broken("--default-plan=shop-standard", "--default-plan=shop-premium"),
+        "--default-plan shop-premium",
+    );
 
     let (units, env_files) = systemd_files();
     let mut typo = units.clone();
@@ -936,6 +1041,10 @@ fn a_typo_fails_the_checks() {
         "TIDEMARK_UPSTREAM=http://127.0.0.1:3001",
     );
     must_find(check_systemd(&helps, &units, &typo).0, "--upstream port");
+    let mut typo = env_files.clone();
+    let billing = typo.get_mut("billing.env").unwrap();
+    *billing = billing.replace("#TIDEMARK_PLANS_DIR=", "#TIDEMARK_PLAN_DIR=");
+    must_find(check_systemd(&helps, &units, &typo).0, "no variable TIDEMARK_PLAN_DIR");
 }
 
 // ----- --help -----

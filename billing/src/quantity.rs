@@ -167,11 +167,43 @@ pub fn from_decimal(meter: &str, value: Decimal) -> Result<i64, QuantityError> {
 
 /// A quantity as users see it: a JSON integer for built-in meters, an exact
 /// decimal string (no exponent, no trailing zeros) for custom ones.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Quantity {
     Integer(i128),
     Decimal(String),
+}
+
+/// Reads what [`Quantity`] writes: an integer or a string (serde's untagged
+/// enums cannot read an `i128`).
+impl<'de> Deserialize<'de> for Quantity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Quantity, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Quantity;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or an exact decimal string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Quantity, E> {
+                Ok(Quantity::Integer(i128::from(v)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Quantity, E> {
+                Ok(Quantity::Integer(i128::from(v)))
+            }
+            fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<Quantity, E> {
+                Ok(Quantity::Integer(v))
+            }
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Quantity, E> {
+                i128::try_from(v)
+                    .map(Quantity::Integer)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Quantity, E> {
+                Ok(Quantity::Decimal(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Quantity {
@@ -360,8 +392,18 @@ mod tests {
             Quantity::of_total("bytes_out", beyond_i64),
             Quantity::Integer(beyond_i64)
         );
-        let back: Vec<Quantity> = serde_json::from_str(r#"[12, "0.5"]"#).expect("json");
-        assert_eq!(back, [Quantity::Integer(12), Quantity::Decimal("0.5".into())]);
+        let back: Vec<Quantity> = serde_json::from_str(r#"[12, -3, "0.5"]"#).expect("json");
+        assert_eq!(
+            back,
+            [
+                Quantity::Integer(12),
+                Quantity::Integer(-3),
+                Quantity::Decimal("0.5".into())
+            ]
+        );
+        let value: Quantity = serde_json::from_value(serde_json::json!(7)).expect("from a Value too");
+        assert_eq!(value, Quantity::Integer(7));
+        assert!(serde_json::from_str::<Quantity>("1.5").is_err(), "a float is not exact");
         assert_eq!(Quantity::of("tokens", 12_500_000_000), Quantity::Decimal("12.5".into()));
         assert_eq!(
             Quantity::of("custom.requests", 3_000_000_000),

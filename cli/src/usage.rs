@@ -116,7 +116,8 @@ pub struct UsageResponse {
     pub to: Option<String>,
     pub window: String,
     pub rows: Vec<UsageRow>,
-    pub totals: std::collections::BTreeMap<String, i128>,
+    /// Integers for built-in meters, exact decimal strings for custom ones.
+    pub totals: std::collections::BTreeMap<String, tidemark_billing::quantity::Quantity>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,7 +125,7 @@ pub struct UsageRow {
     pub window_start: String,
     pub service: Option<String>,
     pub meter: String,
-    pub quantity: i64,
+    pub quantity: tidemark_billing::quantity::Quantity,
     pub batches: i64,
 }
 

@@ -8,7 +8,7 @@
 //!
 //! | check | needs | passes when |
 //! |---|---|---|
-//! | `collector` | `--collector` (default `http://127.0.0.1:7400`) | `tidemark.v1.Scaling` and KEDA's `externalscaler.ExternalScaler` answer there |
+//! | `collector` | `--collector` (default `http://127.0.0.1:7400`; `none` skips it) | `tidemark.v1.Scaling` and KEDA's `externalscaler.ExternalScaler` answer there |
 //! | `decision <service>` | `--service` | the collector holds a decision for the service |
 //! | `kafka` | `--kafka-brokers` | a broker answers |
 //! | `topic <usage>` | `--kafka-brokers` | the usage topic exists and is not compacted |
@@ -40,7 +40,7 @@ pub struct DoctorArgs {
     #[arg(long, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// The collector's gRPC endpoint (its --listen address), `http://` or `https://`.
+    /// The collector's gRPC endpoint (its --listen address), `http://` or `https://`; `none` skips the collector checks.
     #[arg(long, env = "TIDEMARK_COLLECTOR", default_value = "http://127.0.0.1:7400")]
     pub collector: String,
 
@@ -164,8 +164,12 @@ pub async fn check_all(args: &DoctorArgs, mut report: impl FnMut(&Check)) -> Vec
         checks.push(check);
     };
 
-    for check in check_collector(args).await {
-        push(check);
+    if args.collector == "none" || args.collector.is_empty() {
+        push(Check::skip("collector", "not checked (--collector none)"));
+    } else {
+        for check in check_collector(args).await {
+            push(check);
+        }
     }
     match &args.kafka_brokers {
         Some(brokers) => {
@@ -397,7 +401,7 @@ async fn check_topic(log: &KafkaLog, brokers: &str, topic: &str, role: TopicRole
                 format!(
                     "start {creator} once (it creates the topic), or create it: kafka-topics.sh --bootstrap-server \
                      {brokers} --create --topic {topic} --partitions {} --replication-factor 3{extra} \
-                     (docs/production.md); check --usage-topic/--decisions-topic if the binaries use other names",
+                     (1 on a one-broker cluster; docs/production.md); check --usage-topic/--decisions-topic if the binaries use other names",
                     spec.partitions
                 ),
             );

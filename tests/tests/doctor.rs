@@ -160,8 +160,15 @@ async fn doctor_says_what_to_change() {
     )]);
     assert!(line(&stdout, "FAIL", "database").contains("--database-url"), "{stdout}");
     let empty = tempfile::tempdir().unwrap();
-    let (_, stdout) = doctor(&[&format!("--plans-dir={}", empty.path().display())]);
+    let (output, stdout) = doctor(&["--collector=none", &format!("--plans-dir={}", empty.path().display())]);
     assert!(line(&stdout, "FAIL", "plans").contains("no plan files"), "{stdout}");
+    assert!(
+        line(&stdout, "skip", "collector").contains("--collector none"),
+        "{stdout}"
+    );
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    let (output, stdout) = doctor(&["--collector=none", &format!("--plans-dir={}", plans_dir())]);
+    assert!(output.status.success(), "only skipped and passed checks: {stdout}");
 
     let data = tempfile::tempdir().unwrap();
     let dev = start_dev(data.path(), &[]);

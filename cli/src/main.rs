@@ -32,6 +32,9 @@ enum Command {
     Doctor(tidemark::doctor::DoctorArgs),
     /// List, show and finalize invoices through the billing API.
     Invoice(tidemark::invoice::InvoiceArgs),
+    /// Run a sidecar, as `tidemark-sidecar` does (used by `tidemark dev` for each instance).
+    #[command(hide = true)]
+    Sidecar(tidemark_sidecar::Config),
 }
 
 #[tokio::main]
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Reconcile(args) => tidemark::reconcile::run(args).await,
         Command::Doctor(args) => tidemark::doctor::run(args).await,
         Command::Invoice(args) => tidemark::invoice::run(args).await,
+        Command::Sidecar(config) => Ok(tidemark_sidecar::run(config, shutdown).await?),
         Command::Simulate(args) => tokio::task::spawn_blocking(move || tidemark::simulate::run(args)).await?,
     }
 }

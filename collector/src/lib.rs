@@ -122,6 +122,9 @@ impl CollectorArgs {
     }
 }
 
+/// How long open gRPC streams may go on after shutdown.
+pub const STREAMS_GRACE: Duration = Duration::from_secs(2);
+
 /// How the collector scales services.
 #[derive(Debug, Clone, Args)]
 pub struct ScalingArgs {
@@ -167,6 +170,7 @@ pub enum CollectorError {
 pub struct Collector {
     ingest: IngestService,
     board: Arc<DecisionBoard>,
+    live: Arc<DecisionBoard>,
     background: JoinSet<Result<(), CollectorError>>,
     hooks: Vec<(String, Hooks)>,
 }
@@ -189,6 +193,7 @@ impl Collector {
         };
         log.ensure_topic(&scaling.decisions_topic, DECISIONS_TOPIC_SPEC).await?;
         let board = DecisionBoard::new();
+        let live = DecisionBoard::new();
         let mut hooks = Vec::new();
         for (service, section) in &config.services {
             if section.hooks.is_empty() {
@@ -222,13 +227,22 @@ impl Collector {
                 config_path: scaling.scaling_config.clone(),
             };
             let telemetry = AutoscalerTelemetry::register(registry);
-            let autoscaler = Autoscaler::start(log.clone(), settings, config, Arc::clone(&board), telemetry).await?;
+            let autoscaler = Autoscaler::start(
+                log.clone(),
+                settings,
+                config,
+                Arc::clone(&board),
+                Arc::clone(&live),
+                telemetry,
+            )
+            .await?;
             let stop = shutdown.clone();
             background.spawn(async move { Ok(autoscaler.run(stop).await?) });
         }
         Ok(Collector {
             ingest: IngestService::new(log, usage_topic, policy, telemetry),
             board,
+            live,
             background,
             hooks,
         })
@@ -237,6 +251,12 @@ impl Collector {
     /// The latest decisions, as this collector knows them.
     pub fn board(&self) -> Arc<DecisionBoard> {
         Arc::clone(&self.board)
+    }
+
+    /// Every decision this process's autoscaler computes, published or not
+    /// (empty without `--autoscale`): the current load and explanation.
+    pub fn live(&self) -> Arc<DecisionBoard> {
+        Arc::clone(&self.live)
     }
 
     /// The running hooks of each service that has some.
@@ -255,6 +275,7 @@ impl Collector {
         tls: Option<ServerTlsConfig>,
         mut shutdown: Shutdown,
     ) -> Result<(), CollectorError> {
+        let stop = shutdown.clone();
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             server = server.tls_config(tls)?;
@@ -271,9 +292,17 @@ impl Collector {
             }
             std::future::pending::<Result<(), CollectorError>>().await
         };
+        // Watch streams (WatchDecisions, StreamIsActive) last as long as
+        // their clients: after shutdown they get a moment, then are cut.
+        let mut stop = stop;
+        let streams_cut = async move {
+            stop.wait().await;
+            tokio::time::sleep(STREAMS_GRACE).await;
+        };
         tokio::select! {
             served = grpc => served?,
             failed = first_failure => return failed,
+            () = streams_cut => tracing::info!(grace = ?STREAMS_GRACE, "open gRPC streams cut at shutdown"),
         }
         while let Some(done) = background.join_next().await {
             done??;

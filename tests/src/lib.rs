@@ -205,6 +205,13 @@ pub fn start_dev(data_dir: &std::path::Path, extra: &[&str]) -> Proc {
     if !extra.iter().any(|a| a.starts_with("--ingest-listen=")) {
         args.push("--ingest-listen=127.0.0.1:0");
     }
+    // Collector and billing only, unless the test asks for the app.
+    if !extra
+        .iter()
+        .any(|a| a.starts_with("--app=") || a.starts_with("--entry-listen="))
+    {
+        args.push("--app=none");
+    }
     args.extend_from_slice(extra);
     Proc::start("tidemark", &args)
 }

@@ -147,6 +147,9 @@ pub struct Autoscaler {
     config: ScalingConfig,
     config_mtime: Option<SystemTime>,
     board: Arc<DecisionBoard>,
+    /// Every decision as computed, published or not: the current load and
+    /// explanation, for views in this process.
+    live: Arc<DecisionBoard>,
     services: HashMap<String, Service>,
     next_offsets: BTreeMap<i32, i64>,
     telemetry: AutoscalerTelemetry,
@@ -165,6 +168,7 @@ impl Autoscaler {
         settings: AutoscalerSettings,
         config: ScalingConfig,
         board: Arc<DecisionBoard>,
+        live: Arc<DecisionBoard>,
         telemetry: AutoscalerTelemetry,
     ) -> Result<Autoscaler, AutoscalerError> {
         let config_mtime = settings.config_path.as_ref().and_then(modified);
@@ -176,6 +180,7 @@ impl Autoscaler {
             config,
             config_mtime,
             board,
+            live,
             services: HashMap::new(),
             next_offsets: BTreeMap::new(),
             telemetry,
@@ -300,10 +305,12 @@ impl Autoscaler {
             .reporting
             .set(i64::from(decision.explanation.instances_reporting));
         let current = (decision.desired, mode);
+        let mut proto: ScalingDecision = decision.to_proto(String::new(), name.to_owned(), now);
+        self.live.publish(proto.clone());
         if service.published.as_ref() == Some(&current) {
             return Ok(());
         }
-        let proto: ScalingDecision = decision.to_proto(uuid::Uuid::new_v4().to_string(), name.to_owned(), now);
+        proto.decision_id = uuid::Uuid::new_v4().to_string();
         decisions::append(&self.log, &self.settings.decisions_topic, &proto).await?;
         service.desired.set(i64::from(current.0));
         service.panic.set(i64::from(current.1 == "panic"));

@@ -38,8 +38,7 @@ start_kafka() {
   KAFKA_STARTED=1
   eval "$(scripts/kafka env)"
   BROKER_PID=$(cat "$TIDEMARK_KAFKA_DIR/kafka.pid")
-  KAFKA_VERSION=$(basename "$(dirname "$(scripts/kafka perf-classpath | tr ':' '\n' | grep -m1 '/kafka_2.13-')")")
-  KAFKA_VERSION=${KAFKA_VERSION#kafka-}
+  KAFKA_VERSION=$(scripts/kafka perf-classpath | tr ':' '\n' | sed -n 's|.*/kafka_2\.13-\(.*\)\.jar$|\1|p' | head -n 1)
   log "Kafka $KAFKA_VERSION at $TIDEMARK_KAFKA_BROKERS (pid $BROKER_PID)"
 }
 

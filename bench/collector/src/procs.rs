@@ -60,11 +60,19 @@ impl Proc {
                 }
             });
         }
+        // Long arguments (a Java classpath) shortened.
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| match a.char_indices().nth(100) {
+                Some((cut, _)) => format!("{}…", &a[..cut]),
+                None => a.clone(),
+            })
+            .collect();
         eprintln!(
             "[bench] started {name} (pid {}): {} {}",
             child.id(),
             program.display(),
-            args.join(" ")
+            shown.join(" ")
         );
         Ok(Proc {
             name: name.to_owned(),

@@ -35,6 +35,18 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The nearest-rank `q` quantile (0..=1) of some values: the smallest value
+/// with at least `q` of them at or below it (NaN when there are none).
+pub fn nearest_rank(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = (q * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
 /// `12345.6` as `12,346`.
 pub fn thousands(x: f64) -> String {
     if !x.is_finite() {
@@ -64,6 +76,17 @@ mod tests {
         assert_eq!(thousands(1234567.0), "1,234,567");
         assert_eq!(thousands(-4321.0), "-4,321");
         assert_eq!(thousands(f64::NAN), "–");
+    }
+
+    #[test]
+    fn nearest_ranks() {
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(nearest_rank(&twenty, 0.5), 10.0);
+        assert_eq!(nearest_rank(&twenty, 0.9), 18.0);
+        assert_eq!(nearest_rank(&twenty, 0.99), 20.0);
+        assert_eq!(nearest_rank(&twenty, 1.0), 20.0);
+        assert_eq!(nearest_rank(&[5.0], 0.0), 5.0);
+        assert!(nearest_rank(&[], 0.5).is_nan());
     }
 
     #[test]

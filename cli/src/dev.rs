@@ -6,6 +6,7 @@
 //! entry port spreading requests over the live instances.
 
 mod entry;
+mod load;
 mod view;
 
 use std::net::SocketAddr;
@@ -68,6 +69,15 @@ pub struct DevArgs {
     /// Simulated work per request of the built-in demo app.
     #[arg(long, env = "TIDEMARK_DEMO_WORK", value_parser = tidemark_runtime::config::duration, default_value = "50ms")]
     pub demo_work: Duration,
+
+    /// Built-in load on the entry port: `steady=RPS`, or `step=LOW,HIGH@EVERY`
+    /// (e.g. `step=20,400@30s`) to watch the service scale up and down.
+    #[arg(long, env = "TIDEMARK_LOAD")]
+    pub load: Option<load::LoadProfile>,
+
+    /// Tenant the built-in load bills to.
+    #[arg(long, env = "TIDEMARK_LOAD_TENANT", default_value = "acme")]
+    pub load_tenant: String,
 
     /// The app's command, after `--`; `{port}` is replaced by the instance's port.
     #[arg(last = true)]
@@ -230,7 +240,16 @@ async fn start_app(
         LocalOrchestrator::spawn(args.service.clone(), spec, Arc::clone(board), shutdown.clone())
             .map_err(|e| anyhow::anyhow!("cannot run the app: {e}"))?;
     let entry_listener = bind(args.entry_listen, "entry HTTP (the app's instances)").await?;
+    let entry_addr = entry_listener.local_addr()?;
     let entry_task = tokio::spawn(entry::serve(entry_listener, orchestrator.instances(), shutdown.clone()));
+    if let Some(profile) = args.load {
+        tokio::spawn(load::run(
+            profile,
+            entry_addr,
+            args.load_tenant.clone(),
+            shutdown.clone(),
+        ));
+    }
     // Give the follower a moment to read decisions kept from an earlier run.
     tokio::time::sleep(Duration::from_millis(200)).await;
     if board.get(&args.service).is_none() {

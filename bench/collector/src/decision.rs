@@ -34,7 +34,7 @@ use tidemark_proto::v1::scaling_client::ScalingClient;
 use tidemark_proto::v1::{ScalingDecision, WatchDecisionsRequest};
 use tokio::sync::{mpsc, watch};
 
-use crate::procs::{Proc, unique_name};
+use crate::procs::{CpuMeter, Proc, clock_ticks, unique_name};
 use crate::stats;
 
 const SERVICE: &str = "bench";
@@ -94,6 +94,9 @@ pub struct Args {
     /// at 2); it plays no part in scaling up.
     #[arg(long, default_value_t = 0.0)]
     hysteresis: f64,
+    /// The broker's pid, to count its CPU as the benchmark's own.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Keep the processes' logs here (default: a temporary directory, kept only on failure).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -135,6 +138,10 @@ struct PathResult {
     trials: Vec<Trial>,
     requests_ok: u64,
     requests_failed: u64,
+    /// Cores the machine kept busy over the trials, and how many of them
+    /// went to processes other than the benchmark's.
+    machine_cores: f64,
+    other_cores: f64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<String> {
@@ -198,7 +205,7 @@ async fn measure(args: &Args, work: &std::path::Path) -> anyhow::Result<String> 
     let mut results = Vec::new();
     for &path in &args.paths {
         eprintln!("[bench] decision latency through {}", path.label());
-        results.push(measure_path(args, path, work, &policy_path, app_addr).await?);
+        results.push(measure_path(args, path, work, &policy_path, (app_addr, app.pid())).await?);
         app.check_alive()?;
     }
     app.stop();
@@ -210,7 +217,7 @@ async fn measure_path(
     path: Path,
     work: &std::path::Path,
     policy: &std::path::Path,
-    app: SocketAddr,
+    (app, app_pid): (SocketAddr, u32),
 ) -> anyhow::Result<PathResult> {
     let bin = |name: &str| args.bin_dir.join(name);
     let mut collector = match path {
@@ -293,6 +300,11 @@ async fn measure_path(
         .await
         .context("the decision never settled at the baseline")?;
 
+    let mut pids = vec![app_pid, collector.pid(), sidecar.pid(), std::process::id()];
+    if path == Path::Kafka {
+        pids.extend(args.broker_pid);
+    }
+    let meter = CpuMeter::start(clock_ticks(), &pids);
     let mut trials = Vec::new();
     for i in 0..args.trials {
         collector.check_alive()?;
@@ -327,6 +339,8 @@ async fn measure_path(
             );
         }
     }
+    let (ours, machine_cores) = meter.read();
+    let other_cores = (machine_cores - ours.iter().filter(|c| c.is_finite()).sum::<f64>()).max(0.0);
     let (requests_ok, requests_failed) = load.counts();
     drop(watcher);
     load.stop();
@@ -337,6 +351,8 @@ async fn measure_path(
         trials,
         requests_ok,
         requests_failed,
+        machine_cores,
+        other_cores,
     })
 }
 
@@ -687,10 +703,15 @@ fn report(args: &Args, policy: &str, results: &[PathResult]) -> String {
     for r in results {
         let _ = writeln!(
             out,
-            "### Trials: {}\n\nRequests through the sidecar: {} answered, {} failed.\n",
+            "### Trials: {}\n\nRequests through the sidecar: {} answered, {} failed. The machine was busy \
+             {:.2} cores on average over the trials, {:.2} of them outside the benchmark's processes (app, \
+             sidecar, collector, load generator{}).\n",
             r.path.label(),
             r.requests_ok,
-            r.requests_failed
+            r.requests_failed,
+            r.machine_cores,
+            r.other_cores,
+            if r.path == Path::Kafka { ", broker" } else { "" },
         );
         let _ = writeln!(
             out,

@@ -129,9 +129,47 @@ struct VariantResult {
     machine_cores: f64,
     rss_kib: u64,
     hwm_kib: u64,
+    autoscaler: Autoscaler,
     rejects: u64,
     streams_failed: u64,
     first_reject: Option<String>,
+}
+
+/// What the collector's own metrics say happened while measured.
+#[derive(Debug, Clone, Copy)]
+struct Autoscaler {
+    /// `tidemark_collector_batches_accepted_total`.
+    accepted: Option<f64>,
+    /// Batches the autoscaler fed to its scalers.
+    read: Option<f64>,
+    /// Batches it skipped (older than the stable window, undecodable).
+    skipped: Option<f64>,
+    decisions: Option<f64>,
+}
+
+/// The collector's Prometheus metrics (`name value` lines without labels).
+async fn metrics(admin: std::net::SocketAddr) -> HashMap<String, f64> {
+    use http_body_util::BodyExt as _;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let Ok(uri) = format!("http://{admin}/metrics").parse::<hyper::Uri>() else {
+        return HashMap::new();
+    };
+    let body = match tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await {
+        Ok(Ok(response)) => match response.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return HashMap::new(),
+        },
+        _ => return HashMap::new(),
+    };
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// The producer tool's numbers.
@@ -303,6 +341,7 @@ async fn measure_variant(
         Some(work),
     )?;
     let grpc = collector.address("ingest gRPC")?;
+    let admin = collector.address("metrics, healthz, readyz")?;
     let url = format!("http://{grpc}");
 
     let connections = args.connections.clamp(1, args.streams.max(1));
@@ -339,6 +378,7 @@ async fn measure_variant(
     let mut pids = vec![collector.pid(), client_pid];
     pids.extend(args.broker_pid);
     let before = counters.snapshot();
+    let metrics_before = metrics(admin).await;
     let meter = CpuMeter::start(hz, &pids);
     counters.measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
@@ -349,7 +389,18 @@ async fn measure_variant(
     counters.measuring.store(false, Ordering::Relaxed);
     let rss_kib = status_kib(collector.pid(), "VmRSS").unwrap_or(0);
     let hwm_kib = status_kib(collector.pid(), "VmHWM").unwrap_or(0);
+    let metrics_after = metrics(admin).await;
     collector.check_alive()?;
+    let delta = |name: &str| match (metrics_before.get(name), metrics_after.get(name)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let autoscaler = Autoscaler {
+        accepted: delta("tidemark_collector_batches_accepted_total"),
+        read: delta("tidemark_autoscaler_batches_total"),
+        skipped: delta("tidemark_autoscaler_batches_skipped_total"),
+        decisions: delta("tidemark_autoscaler_decisions_total"),
+    };
 
     counters.stop.store(true, Ordering::Relaxed);
     let mut ack = stats::histogram();
@@ -377,6 +428,7 @@ async fn measure_variant(
         machine_cores,
         rss_kib,
         hwm_kib,
+        autoscaler,
         rejects: counters.rejects.load(Ordering::Relaxed),
         streams_failed: counters.streams_failed.load(Ordering::Relaxed),
         first_reject,
@@ -590,6 +642,12 @@ fn parse_summary(line: &str) -> Option<(f64, f64)> {
     Some((rate, mb))
 }
 
+/// Cores busy with work other than the benchmark's own processes (a build
+/// or test running beside it shows here; a few hundredths are the kernel and idle daemons).
+fn others(machine: f64, ours: &[f64]) -> f64 {
+    (machine - ours.iter().filter(|c| c.is_finite()).sum::<f64>()).max(0.0)
+}
+
 fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&ToolResult>) -> String {
     let mut out = String::new();
     let connections = args.connections.clamp(1, args.streams.max(1));
@@ -599,7 +657,9 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
          {} concurrent `Ingest/Report` streams over {} HTTP/2 connection{} ({}), {} services; every batch \
          has {} tenants with two custom meters each and is {} bytes encoded; at most {} unacked batches per \
          stream. {:?} warm-up, then {:?} measured. CPU is user + system time from /proc over the measured \
-         interval, in cores (the machine has {}); the client is this benchmark's own process.\n",
+         interval, in cores (the machine has {}); the client is this benchmark's own process; \
+         \"of which others\" is the machine's busy time not spent in these processes (the kernel's \
+         share of networking, and anything else running).\n",
         args.streams,
         connections,
         if connections == 1 { "" } else { "s" },
@@ -619,9 +679,9 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
     let _ = writeln!(
         out,
         "| setup | batches/s | tenant-usage records/s | MiB/s | ack p50 / p99 ms | collector CPU (cores) | \
-         collector RSS / peak MiB | broker CPU | client CPU | machine busy (cores) |"
+         collector RSS / peak MiB | broker CPU | client CPU | machine busy (cores) | of which others |"
     );
-    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in results {
         let flags = if r.flags.is_empty() {
             String::new()
@@ -630,7 +690,7 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
         };
         let _ = writeln!(
             out,
-            "| collector: {}{flags} | {} | {} | {:.1} | {:.1} / {:.1} | {:.2} | {:.0} / {:.0} | {:.2} | {:.2} | {:.2} |",
+            "| collector: {}{flags} | {} | {} | {:.1} | {:.1} / {:.1} | {:.2} | {:.0} / {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.label,
             stats::thousands(r.batches as f64 / r.seconds),
             stats::thousands(r.tenants as f64 / r.seconds),
@@ -643,12 +703,13 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
             r.broker_cores,
             r.client_cores,
             r.machine_cores,
+            others(r.machine_cores, &[r.collector_cores, r.broker_cores, r.client_cores]),
         );
     }
     if let Some(t) = tool {
         let _ = writeln!(
             out,
-            "| Kafka ProducerPerformance, `acks=all`, {} B records, {} partitions | {} | – | {:.1} | (see below) | – | – | {:.2} | {:.2} (the tool) | {:.2} |",
+            "| Kafka ProducerPerformance, `acks=all`, {} B records, {} partitions | {} | – | {:.1} | (see below) | – | – | {:.2} | {:.2} (the tool) | {:.2} | {:.2} |",
             t.record_size,
             t.partitions,
             stats::thousands(t.records_per_sec),
@@ -656,6 +717,7 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
             t.broker_cores,
             t.tool_cores,
             t.machine_cores,
+            others(t.machine_cores, &[t.tool_cores, t.broker_cores]),
         );
     }
     let _ = writeln!(out);
@@ -675,6 +737,37 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
             t.summary.trim()
         );
     }
+    let _ = writeln!(
+        out,
+        "The collector's own counters over the measured interval (from its `/metrics`): batches it \
+         accepted, and what its autoscaler, a consumer of the same usage topic in the same process, read \
+         of them.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| setup | accepted | autoscaler read | skipped (too old) | decisions published |"
+    );
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|");
+    for r in results {
+        let a = r.autoscaler;
+        let show = |v: Option<f64>| v.map_or("–".to_owned(), stats::thousands);
+        let read = match (a.read, a.accepted) {
+            (Some(read), Some(accepted)) if accepted > 0.0 => {
+                format!("{} ({:.1} %)", stats::thousands(read), 100.0 * read / accepted)
+            }
+            (read, _) => show(read),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            r.label,
+            show(a.accepted),
+            read,
+            show(a.skipped),
+            show(a.decisions)
+        );
+    }
+    let _ = writeln!(out);
     let mut problems = BTreeMap::new();
     for r in results {
         if r.rejects > 0 || r.streams_failed > 0 {

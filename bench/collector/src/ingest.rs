@@ -64,7 +64,8 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     duration: Duration,
     /// A collector setup to measure, `LABEL::FLAGS` (flags split on spaces); repeatable.
-    /// Default: `default::` and `autoscaler off::--autoscale=false`.
+    /// Default: `default::`, `autoscaler off::--autoscale=false` and
+    /// `linger.ms=20::--kafka-property=linger.ms=20`.
     #[arg(long = "variant")]
     variants: Vec<String>,
     /// Classpath of Kafka's tools (`scripts/kafka perf-classpath`); without it no baseline runs.
@@ -208,7 +209,11 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
 
 fn variants(args: &Args) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let given = if args.variants.is_empty() {
-        vec!["default::".to_owned(), "autoscaler off::--autoscale=false".to_owned()]
+        vec![
+            "default::".to_owned(),
+            "autoscaler off::--autoscale=false".to_owned(),
+            "linger.ms=20::--kafka-property=linger.ms=20".to_owned(),
+        ]
     } else {
         args.variants.clone()
     };

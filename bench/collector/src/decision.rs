@@ -252,15 +252,21 @@ async fn measure_path(
                 "--admin-listen=127.0.0.1:0".into(),
                 format!("--scaling-config={}", policy.display()),
             ];
-            // Every other port of `tidemark dev` the OS picks too, so that a
-            // dev instance someone else runs on the defaults is no obstacle.
+            // Where this `tidemark dev` has them: no app of its own (the
+            // sidecar here reports to it like any other), and every other
+            // port chosen by the OS, so that a dev instance someone else runs
+            // on the defaults is no obstacle.
             let help = std::process::Command::new(bin("tidemark"))
                 .args(["dev", "--help"])
                 .output()?;
             let help = String::from_utf8_lossy(&help.stdout);
-            for flag in ["--grpc-listen"] {
-                if help.contains(flag) {
-                    dev_args.push(format!("{flag}=127.0.0.1:0"));
+            for (flag, value) in [
+                ("--app", "none"),
+                ("--grpc-listen", "127.0.0.1:0"),
+                ("--entry-listen", "127.0.0.1:0"),
+            ] {
+                if help.contains(&format!("{flag} ")) {
+                    dev_args.push(format!("{flag}={value}"));
                 }
             }
             Proc::start("dev", &bin("tidemark"), &dev_args, Some(work))?

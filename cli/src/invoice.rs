@@ -3,20 +3,14 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
+use crate::billing_client::call as billing_call;
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http::header::{ACCEPT, AUTHORIZATION};
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Uri};
 use serde_json::Value;
 
 /// How long the whole request may take.
-const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Args)]
 pub struct InvoiceArgs {
@@ -127,52 +121,9 @@ pub fn invoice_path(id: &str, suffix: &str) -> String {
     format!("/v1/invoices/{}{suffix}", encode(id))
 }
 
-fn describe_error(status: StatusCode, body: &[u8]) -> String {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(json) if json["error"].is_string() => {
-            let mut message = format!(
-                "billing API answered {status}: {}",
-                json["error"].as_str().unwrap_or("")
-            );
-            if let Some(p) = json["parameter"].as_str() {
-                let _ = write!(message, " (parameter {p})");
-            }
-            message
-        }
-        _ => format!(
-            "billing API answered {status}: {}",
-            String::from_utf8_lossy(body).trim()
-        ),
-    }
-}
-
 async fn call(client: &ClientArgs, method: Method, path: &str) -> anyhow::Result<Value> {
     let uri = url(client, path)?;
-    let mut request = Request::builder()
-        .method(method)
-        .uri(uri.clone())
-        .header(ACCEPT, "application/json");
-    if let Some(token) = &client.token {
-        let value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .context("--token has characters not allowed in an HTTP header")?;
-        request = request.header(AUTHORIZATION, value);
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .context("cannot build the request")?;
-    let http = Client::builder(TokioExecutor::new()).build_http();
-    let (status, body) = tokio::time::timeout(TIMEOUT, async {
-        let response = http.request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("{uri}: no answer within {TIMEOUT:?}"))?
-    .with_context(|| format!("cannot reach the billing API at {}; check --api", client.api))?;
-    if !status.is_success() {
-        bail!("{}", describe_error(status, &body));
-    }
+    let body = billing_call(method, &uri, "application/json", client.token.as_deref(), &client.api).await?;
     serde_json::from_slice(&body).context("the billing API answered with bad JSON")
 }
 
@@ -356,7 +307,9 @@ pub async fn run(args: InvoiceArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::billing_client::describe_error;
     use clap::Parser;
+    use http::StatusCode;
     use serde_json::json;
 
     #[derive(Debug, Parser)]

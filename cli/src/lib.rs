@@ -1,5 +1,6 @@
 //! The `tidemark` operator CLI. Each subcommand lives in its own module.
 
+pub mod billing_client;
 pub mod demo_app;
 pub mod dev;
 pub mod doctor;

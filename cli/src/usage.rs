@@ -3,20 +3,14 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
+use crate::billing_client::call;
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use clap::Args;
-use http::header::{ACCEPT, AUTHORIZATION};
-use http::{HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Uri};
 use serde::Deserialize;
 
 /// How long the whole request may take.
-const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Args)]
 pub struct UsageArgs {
@@ -194,57 +188,11 @@ pub fn render_table(r: &UsageResponse) -> String {
     out
 }
 
-/// The API's JSON error, `{"error": ..., "parameter": ...}`.
-#[derive(Debug, Deserialize)]
-struct ApiError {
-    error: String,
-    parameter: Option<String>,
-}
-
-fn describe_error(status: StatusCode, body: &[u8]) -> String {
-    match serde_json::from_slice::<ApiError>(body) {
-        Ok(ApiError {
-            error,
-            parameter: Some(p),
-        }) => format!("billing API answered {status}: {error} (parameter {p})"),
-        Ok(ApiError { error, parameter: None }) => format!("billing API answered {status}: {error}"),
-        Err(_) => format!(
-            "billing API answered {status}: {}",
-            String::from_utf8_lossy(body).trim()
-        ),
-    }
-}
-
 /// Asks the API and prints the answer to stdout.
 pub async fn run(args: UsageArgs) -> anyhow::Result<()> {
     let uri = usage_url(&args)?;
-    let mut request = Request::get(uri.clone());
-    if args.csv {
-        request = request.header(ACCEPT, "text/csv");
-    } else {
-        request = request.header(ACCEPT, "application/json");
-    }
-    if let Some(token) = &args.token {
-        let value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .context("--token has characters not allowed in an HTTP header")?;
-        request = request.header(AUTHORIZATION, value);
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .context("cannot build the request")?;
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let (status, body) = tokio::time::timeout(TIMEOUT, async {
-        let response = client.request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("{uri}: no answer within {TIMEOUT:?}"))?
-    .with_context(|| format!("cannot reach the billing API at {}; check --api", args.api))?;
-    if !status.is_success() {
-        bail!("{}", describe_error(status, &body));
-    }
+    let accept = if args.csv { "text/csv" } else { "application/json" };
+    let body = call(Method::GET, &uri, accept, args.token.as_deref(), &args.api).await?;
     if args.csv {
         print!("{}", String::from_utf8_lossy(&body));
         return Ok(());
@@ -263,7 +211,9 @@ pub async fn run(args: UsageArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::billing_client::describe_error;
     use clap::Parser;
+    use http::StatusCode;
 
     #[derive(Debug, Parser)]
     struct Cli {

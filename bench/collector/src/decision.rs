@@ -142,6 +142,7 @@ struct PathResult {
     /// went to processes other than the benchmark's.
     machine_cores: f64,
     other_cores: f64,
+    steal_cores: f64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<String> {
@@ -345,7 +346,7 @@ async fn measure_path(
             );
         }
     }
-    let (ours, machine_cores) = meter.read();
+    let (ours, machine_cores, steal_cores) = meter.read();
     let other_cores = (machine_cores - ours.iter().filter(|c| c.is_finite()).sum::<f64>()).max(0.0);
     let (requests_ok, requests_failed) = load.counts();
     drop(watcher);
@@ -359,6 +360,7 @@ async fn measure_path(
         requests_failed,
         machine_cores,
         other_cores,
+        steal_cores,
     })
 }
 
@@ -711,13 +713,14 @@ fn report(args: &Args, policy: &str, results: &[PathResult]) -> String {
             out,
             "### Trials: {}\n\nRequests through the sidecar: {} answered, {} failed. The machine was busy \
              {:.2} cores on average over the trials, {:.2} of them outside the benchmark's processes (app, \
-             sidecar, collector, load generator{}).\n",
+             sidecar, collector, load generator{}); the hypervisor stole {:.2} cores.\n",
             r.path.label(),
             r.requests_ok,
             r.requests_failed,
             r.machine_cores,
             r.other_cores,
             if r.path == Path::Kafka { ", broker" } else { "" },
+            r.steal_cores,
         );
         let _ = writeln!(
             out,

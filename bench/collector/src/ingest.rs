@@ -77,6 +77,11 @@ pub struct Args {
     /// The broker's pid, to measure its CPU.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Rounds: every setup, then the producer tool, this many times over
+    /// (interleaved, so that a slow spell of the machine hits all of them).
+    /// The tables show each row's median round and every round's rate.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Records for the producer tool; default: as many as the first variant acked while measured.
     #[arg(long)]
     baseline_records: Option<u64>,
@@ -128,6 +133,7 @@ struct VariantResult {
     broker_cores: f64,
     client_cores: f64,
     machine_cores: f64,
+    steal_cores: f64,
     rss_kib: u64,
     hwm_kib: u64,
     autoscaler: Autoscaler,
@@ -173,10 +179,16 @@ async fn metrics(admin: std::net::SocketAddr) -> HashMap<String, f64> {
         .collect()
 }
 
+/// One round: every setup, then the tool.
+#[derive(Debug)]
+struct Round {
+    results: Vec<VariantResult>,
+    tool: Option<ToolResult>,
+}
+
 /// The producer tool's numbers.
 #[derive(Debug)]
 struct ToolResult {
-    records: u64,
     record_size: usize,
     records_per_sec: f64,
     mib_per_sec: f64,
@@ -184,6 +196,7 @@ struct ToolResult {
     tool_cores: f64,
     broker_cores: f64,
     machine_cores: f64,
+    steal_cores: f64,
     partitions: u32,
 }
 
@@ -232,28 +245,39 @@ async fn measure(args: &Args, work: &std::path::Path) -> anyhow::Result<String> 
     let hz = clock_ticks();
     let variants = variants(args)?;
     let size = template(args.services, args.tenants, 0).encoded_len();
-    let mut results = Vec::new();
-    for (label, flags) in &variants {
-        eprintln!("[bench] ingest: {label} ({})", flags.join(" "));
-        results.push(measure_variant(args, work, hz, label, flags).await?);
-        let r = results.last().expect("just pushed");
-        eprintln!(
-            "[bench] {label}: {:.0} batches/s, {:.0} tenant records/s, collector {:.2} cores",
-            r.batches as f64 / r.seconds,
-            r.tenants as f64 / r.seconds,
-            r.collector_cores
-        );
-    }
-    let tool = match &args.kafka_classpath {
-        Some(classpath) => {
-            let records = args
-                .baseline_records
-                .unwrap_or_else(|| results.first().map_or(100_000, |r| r.batches.max(10_000)));
-            Some(producer_tool(args, classpath, hz, size, records).await?)
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        let mut results = Vec::new();
+        for (label, flags) in &variants {
+            eprintln!("[bench] round {round}: {label} ({})", flags.join(" "));
+            results.push(measure_variant(args, work, hz, label, flags).await?);
+            let r = results.last().expect("just pushed");
+            eprintln!(
+                "[bench] round {round}: {label}: {:.0} batches/s, {:.0} tenant records/s, collector {:.2} cores, others {:.2}, steal {:.2}",
+                r.batches as f64 / r.seconds,
+                r.tenants as f64 / r.seconds,
+                r.collector_cores,
+                others(r.machine_cores, &[r.collector_cores, r.broker_cores, r.client_cores]),
+                r.steal_cores,
+            );
         }
-        None => None,
-    };
-    Ok(report(args, size, &results, tool.as_ref()))
+        let tool = match &args.kafka_classpath {
+            Some(classpath) => {
+                let records = args
+                    .baseline_records
+                    .unwrap_or_else(|| results.first().map_or(100_000, |r| r.batches.max(10_000)));
+                let t = producer_tool(args, classpath, hz, size, records).await?;
+                eprintln!(
+                    "[bench] round {round}: ProducerPerformance: {:.0} records/s",
+                    t.records_per_sec
+                );
+                Some(t)
+            }
+            None => None,
+        };
+        rounds.push(Round { results, tool });
+    }
+    Ok(report(args, size, &rounds))
 }
 
 /// A realistic batch for stream `index`: `--tenants` tenants with every
@@ -390,7 +414,7 @@ async fn measure_variant(
     tokio::time::sleep(args.duration).await;
     let after = counters.snapshot();
     let seconds = started.elapsed().as_secs_f64();
-    let (cores, machine_cores) = meter.read();
+    let (cores, machine_cores, steal_cores) = meter.read();
     counters.measuring.store(false, Ordering::Relaxed);
     let rss_kib = status_kib(collector.pid(), "VmRSS").unwrap_or(0);
     let hwm_kib = status_kib(collector.pid(), "VmHWM").unwrap_or(0);
@@ -431,6 +455,7 @@ async fn measure_variant(
         client_cores: cores[1],
         broker_cores: cores.get(2).copied().unwrap_or(f64::NAN),
         machine_cores,
+        steal_cores,
         rss_kib,
         hwm_kib,
         autoscaler,
@@ -593,7 +618,7 @@ async fn producer_tool(
     pids.extend(args.broker_pid);
     let meter = CpuMeter::start(hz, &pids);
     // The tool's own CPU is read until just before it exits.
-    let mut last = (vec![0.0; pids.len()], 0.0);
+    let mut last = (vec![0.0; pids.len()], 0.0, 0.0);
     let status = loop {
         if let Some(status) = tool_status(&mut tool)? {
             break status;
@@ -613,7 +638,6 @@ async fn producer_tool(
         .with_context(|| format!("no summary line from ProducerPerformance:\n{}", tool.tail(30)))?;
     let (records_per_sec, mib_per_sec) = parse_summary(&summary).context("cannot parse the tool's summary")?;
     Ok(ToolResult {
-        records,
         record_size,
         records_per_sec,
         mib_per_sec,
@@ -621,6 +645,7 @@ async fn producer_tool(
         tool_cores: last.0[0],
         broker_cores: last.0.get(1).copied().unwrap_or(f64::NAN),
         machine_cores: last.1,
+        steal_cores: last.2,
         partitions,
     })
 }
@@ -653,7 +678,20 @@ fn others(machine: f64, ours: &[f64]) -> f64 {
     (machine - ours.iter().filter(|c| c.is_finite()).sum::<f64>()).max(0.0)
 }
 
-fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&ToolResult>) -> String {
+impl VariantResult {
+    fn rate(&self) -> f64 {
+        self.batches as f64 / self.seconds
+    }
+}
+
+/// The element with the median `key` (the lower middle of an even count).
+fn median_by<'a, T>(items: &[&'a T], key: impl Fn(&T) -> f64) -> Option<&'a T> {
+    let mut sorted = items.to_vec();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+}
+
+fn report(args: &Args, size: usize, rounds: &[Round]) -> String {
     let mut out = String::new();
     let connections = args.connections.clamp(1, args.streams.max(1));
     let _ = writeln!(
@@ -661,10 +699,13 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
         "## Ingest throughput\n\n\
          {} concurrent `Ingest/Report` streams over {} HTTP/2 connection{} ({}), {} services; every batch \
          has {} tenants with two custom meters each and is {} bytes encoded; at most {} unacked batches per \
-         stream. {:?} warm-up, then {:?} measured. CPU is user + system time from /proc over the measured \
-         interval, in cores (the machine has {}); the client is this benchmark's own process; \
-         \"of which others\" is the machine's busy time not spent in these processes (the kernel's \
-         share of networking, and anything else running).\n",
+         stream. Each setup runs on a fresh collector and usage topic: {:?} warm-up, then {:?} measured. \
+         {} rounds, each every setup and then the producer tool; each row shows its median round, and the \
+         rate of every round in order. CPU is user + system time from /proc over the measured interval, \
+         in cores (the machine has {}); the client is this benchmark's own process; \"of which others\" is \
+         the machine's busy time not spent in these processes (the kernel's share of networking, and \
+         anything else running); \"host steal\" is CPU time the hypervisor gave elsewhere while this VM \
+         wanted it (`steal` in /proc/stat).\n",
         args.streams,
         connections,
         if connections == 1 { "" } else { "s" },
@@ -679,15 +720,25 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
         args.window,
         args.warmup,
         args.duration,
+        rounds.len(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let _ = writeln!(
         out,
-        "| setup | batches/s | tenant-usage records/s | MiB/s | ack p50 / p99 ms | collector CPU (cores) | \
-         collector RSS / peak MiB | broker CPU | client CPU | machine busy (cores) | of which others |"
+        "| setup | batches/s | (each round) | tenant-usage records/s | MiB/s | ack p50 / p99 ms | collector CPU \
+         (cores) | collector RSS / peak MiB | broker CPU | client CPU | machine busy (cores) | of which others | \
+         host steal |"
     );
-    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for r in results {
+    let _ = writeln!(out, "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let setups = rounds.first().map_or(0, |r| r.results.len());
+    let mut medians: Vec<&VariantResult> = Vec::new();
+    for v in 0..setups {
+        let all: Vec<&VariantResult> = rounds.iter().filter_map(|r| r.results.get(v)).collect();
+        let Some(r) = median_by(&all, VariantResult::rate) else {
+            continue;
+        };
+        medians.push(r);
+        let each: Vec<String> = all.iter().map(|r| stats::thousands(r.rate())).collect();
         let flags = if r.flags.is_empty() {
             String::new()
         } else {
@@ -695,9 +746,10 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
         };
         let _ = writeln!(
             out,
-            "| collector: {}{flags} | {} | {} | {:.1} | {:.1} / {:.1} | {:.2} | {:.0} / {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| collector: {}{flags} | {} | {} | {} | {:.1} | {:.1} / {:.1} | {:.2} | {:.0} / {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.label,
-            stats::thousands(r.batches as f64 / r.seconds),
+            stats::thousands(r.rate()),
+            each.join(" / "),
             stats::thousands(r.tenants as f64 / r.seconds),
             r.bytes as f64 / r.seconds / 1_048_576.0,
             stats::ms_at(&r.ack, 0.5),
@@ -709,89 +761,115 @@ fn report(args: &Args, size: usize, results: &[VariantResult], tool: Option<&Too
             r.client_cores,
             r.machine_cores,
             others(r.machine_cores, &[r.collector_cores, r.broker_cores, r.client_cores]),
+            r.steal_cores,
         );
     }
+    let tools: Vec<&ToolResult> = rounds.iter().filter_map(|r| r.tool.as_ref()).collect();
+    let tool = median_by(&tools, |t| t.records_per_sec);
     if let Some(t) = tool {
+        let each: Vec<String> = tools.iter().map(|t| stats::thousands(t.records_per_sec)).collect();
         let _ = writeln!(
             out,
-            "| Kafka ProducerPerformance, `acks=all`, {} B records, {} partitions | {} | – | {:.1} | (see below) | – | – | {:.2} | {:.2} (the tool) | {:.2} | {:.2} |",
+            "| Kafka ProducerPerformance, `acks=all`, {} B records, {} partitions | {} | {} | – | {:.1} | (below) | – | – | {:.2} | {:.2} (the tool) | {:.2} | {:.2} | {:.2} |",
             t.record_size,
             t.partitions,
             stats::thousands(t.records_per_sec),
+            each.join(" / "),
             t.mib_per_sec,
             t.broker_cores,
             t.tool_cores,
             t.machine_cores,
             others(t.machine_cores, &[t.tool_cores, t.broker_cores]),
+            t.steal_cores,
         );
     }
     let _ = writeln!(out);
-    if let (Some(t), Some(first)) = (tool, results.first()) {
+    if let (Some(t), Some(first)) = (tool, medians.first()) {
+        let per_round: Vec<String> = rounds
+            .iter()
+            .filter_map(|r| {
+                Some(format!(
+                    "{:.2}",
+                    r.results.first()?.rate() / r.tool.as_ref()?.records_per_sec
+                ))
+            })
+            .collect();
         let _ = writeln!(
             out,
-            "Collector ({}) batches/s ÷ the tool's records/s at the same record size: **{:.2}×** (target ≥ 0.5×). \
-             Tenant-usage records/s: **{}** (target ≥ 100,000).\n",
+            "Collector ({}) batches/s ÷ the tool's records/s at the same record size, medians: **{:.2}×** \
+             (each round: {}; target ≥ 0.5×). Tenant-usage records/s: **{}** (target ≥ 100,000).\n",
             first.label,
-            first.batches as f64 / first.seconds / t.records_per_sec,
+            first.rate() / t.records_per_sec,
+            per_round.join(", "),
             stats::thousands(first.tenants as f64 / first.seconds),
         );
         let _ = writeln!(
             out,
-            "The tool sent {} records (as many as the collector acked while measured) to a fresh topic; its summary line:\n\n```\n{}\n```\n",
-            stats::thousands(t.records as f64),
-            t.summary.trim()
+            "Each round the tool sent as many records as the collector's first setup acked while measured, to \
+             a fresh topic. Its summary lines:\n\n```"
         );
+        for t in &tools {
+            let _ = writeln!(out, "{}", t.summary.trim());
+        }
+        let _ = writeln!(out, "```\n");
     }
     let _ = writeln!(
         out,
-        "The collector's own counters over the measured interval (from its `/metrics`): batches it \
+        "The collector's own counters over each measured interval (from its `/metrics`): batches it \
          accepted, and what its autoscaler, a consumer of the same usage topic in the same process, read \
          of them.\n"
     );
     let _ = writeln!(
         out,
-        "| setup | accepted | autoscaler read | skipped (too old) | decisions published |"
+        "| setup | round | accepted | autoscaler read | skipped (too old) | decisions published |"
     );
-    let _ = writeln!(out, "|---|--:|--:|--:|--:|");
-    for r in results {
-        let a = r.autoscaler;
-        let show = |v: Option<f64>| v.map_or("–".to_owned(), stats::thousands);
-        let read = match (a.read, a.accepted) {
-            (Some(read), Some(accepted)) if accepted > 0.0 => {
-                format!("{} ({:.1} %)", stats::thousands(read), 100.0 * read / accepted)
-            }
-            (read, _) => show(read),
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} |",
-            r.label,
-            show(a.accepted),
-            read,
-            show(a.skipped),
-            show(a.decisions)
-        );
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|");
+    let show = |v: Option<f64>| v.map_or("–".to_owned(), stats::thousands);
+    for v in 0..setups {
+        for (i, round) in rounds.iter().enumerate() {
+            let Some(r) = round.results.get(v) else {
+                continue;
+            };
+            let a = r.autoscaler;
+            let read = match (a.read, a.accepted) {
+                (Some(read), Some(accepted)) if accepted > 0.0 => {
+                    format!("{} ({:.1} %)", stats::thousands(read), 100.0 * read / accepted)
+                }
+                (read, _) => show(read),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                r.label,
+                i + 1,
+                show(a.accepted),
+                read,
+                show(a.skipped),
+                show(a.decisions)
+            );
+        }
     }
     let _ = writeln!(out);
     let mut problems = BTreeMap::new();
-    for r in results {
+    for r in rounds.iter().flat_map(|r| &r.results) {
         if r.rejects > 0 || r.streams_failed > 0 {
-            problems.insert(
-                r.label.clone(),
-                format!(
-                    "{} rejects (first: {}), {} streams failed",
-                    r.rejects,
-                    r.first_reject.as_deref().unwrap_or("–"),
-                    r.streams_failed
-                ),
-            );
+            let p = problems.entry(r.label.clone()).or_insert((0, 0, None));
+            p.0 += r.rejects;
+            p.1 += r.streams_failed;
+            if p.2.is_none() {
+                p.2.clone_from(&r.first_reject);
+            }
         }
     }
     if problems.is_empty() {
         let _ = writeln!(out, "Every batch sent was acked: no rejects, no failed streams.\n");
     } else {
-        for (label, problem) in problems {
-            let _ = writeln!(out, "**{label}**: {problem}\n");
+        for (label, (rejects, failed, first)) in problems {
+            let _ = writeln!(
+                out,
+                "**{label}**: {rejects} rejects (first: {}), {failed} streams failed\n",
+                first.as_deref().unwrap_or("–")
+            );
         }
     }
     out

@@ -194,13 +194,16 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Clock ticks the whole machine spent busy (not idle, not waiting on I/O).
-pub fn busy_ticks() -> Option<u64> {
+/// Clock ticks the whole machine spent busy (not idle, not waiting on I/O,
+/// not stolen), and the ticks the hypervisor gave to other guests while this
+/// one wanted to run (steal).
+pub fn busy_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?;
     let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal
-    Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).copied().unwrap_or(0))
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    Some((busy, v.get(7).copied().unwrap_or(0)))
 }
 
 /// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`).
@@ -218,7 +221,7 @@ pub struct CpuMeter {
     hz: f64,
     start: Instant,
     pids: Vec<(u32, u64)>,
-    busy: u64,
+    busy: (u64, u64),
 }
 
 impl CpuMeter {
@@ -227,21 +230,25 @@ impl CpuMeter {
             hz,
             start: Instant::now(),
             pids: pids.iter().map(|&p| (p, cpu_ticks(p).unwrap_or(0))).collect(),
-            busy: busy_ticks().unwrap_or(0),
+            busy: busy_ticks().unwrap_or((0, 0)),
         }
     }
 
     /// Cores each process kept busy since the start (same order as the
-    /// pids), and the cores the whole machine kept busy.
-    pub fn read(&self) -> (Vec<f64>, f64) {
+    /// pids), the cores the whole machine kept busy, and the cores the
+    /// hypervisor stole.
+    pub fn read(&self) -> (Vec<f64>, f64, f64) {
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
         let per = self
             .pids
             .iter()
             .map(|&(pid, t0)| cpu_ticks(pid).map_or(f64::NAN, |t| (t.saturating_sub(t0)) as f64 / self.hz / wall))
             .collect();
-        let busy = busy_ticks().map_or(f64::NAN, |b| b.saturating_sub(self.busy) as f64 / self.hz / wall);
-        (per, busy)
+        let cores = |now: u64, then: u64| now.saturating_sub(then) as f64 / self.hz / wall;
+        match busy_ticks() {
+            Some((busy, steal)) => (per, cores(busy, self.busy.0), cores(steal, self.busy.1)),
+            None => (per, f64::NAN, f64::NAN),
+        }
     }
 }
 

@@ -90,5 +90,5 @@ facts() {
   echo "- $(rustc --version 2>/dev/null || echo 'rustc: unknown')"
   echo "- Kafka $KAFKA_VERSION, single KRaft node on 127.0.0.1 (scripts/kafka), $(java -version 2>&1 | head -n 1)"
   echo "- before the run: $QUIET; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- everything (benchmark client, app, sidecar, collector, broker) shares the same cores over 127.0.0.1"
+  echo "- everything the benchmark runs (its client, the binaries under test, the broker) shares these cores, over 127.0.0.1"
 }

@@ -10,10 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor, Row};
 use tidemark_core::UsageBatch;
-use tidemark_core::window::minute_start;
+use tidemark_core::window::{MICROS_PER_MINUTE, minute_start};
 
-use crate::rollup::{RejectedUsage, Rollups};
+use crate::rollup::{RejectedUsage, RollupKey, Rollups, Sums};
 use crate::sessions::{Missing, SessionState, Verdict};
+
+mod upsert;
+use upsert::{Param, upsert};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,22 @@ const MIGRATIONS: &[&[&str]] = &[
             PRIMARY KEY (invoice_id, line_no)
         )",
     ],
+    // Hourly rollups next to the minute ones, written in the same
+    // transaction, so that hour and day queries read 60x fewer rows.
+    &[
+        "CREATE TABLE usage_rollup_hour (
+            tenant TEXT NOT NULL,
+            service TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            hour BIGINT NOT NULL,
+            quantity BIGINT NOT NULL,
+            batches BIGINT NOT NULL,
+            PRIMARY KEY (tenant, hour, service, meter)
+        )",
+        "INSERT INTO usage_rollup_hour (tenant, service, meter, hour, quantity, batches)
+         SELECT tenant, service, meter, (minute / 3600000000) * 3600000000, SUM(quantity), SUM(batches)
+         FROM usage_rollup GROUP BY tenant, service, meter, (minute / 3600000000) * 3600000000",
+    ],
 ];
 
 /// The schema version this build migrates to (`tidemark_schema`'s newest row after [`Store::open`]).
@@ -209,6 +228,63 @@ pub struct SessionGaps {
     pub instance: String,
     pub missing: Vec<Missing>,
 }
+
+/// The `Param`s of a rollup row at `time` (its minute, or its hour).
+fn rollup_params<'a>(key: &'a RollupKey<'_>, time: i64, sums: Sums) -> [Param<'a>; 6] {
+    [
+        Param::Text(&key.tenant),
+        Param::Text(&key.service),
+        Param::Text(&key.meter),
+        Param::Int(time),
+        Param::Int(sums.quantity),
+        Param::Int(sums.batches),
+    ]
+}
+
+/// Folds rows ordered by tenant, service, meter and minute into hours: the
+/// rows of one hour are consecutive, so one pass does it.
+fn hours<'k, 'a: 'k>(
+    rows: impl Iterator<Item = (&'k RollupKey<'a>, &'k Sums)>,
+) -> impl Iterator<Item = (&'k RollupKey<'a>, i64, Sums)> {
+    let mut rows = rows.peekable();
+    std::iter::from_fn(move || {
+        let (key, first) = rows.next()?;
+        let hour = hour_start(key.minute);
+        let mut sums = *first;
+        while let Some((next, more)) = rows.peek() {
+            let same = next.tenant == key.tenant && next.service == key.service && next.meter == key.meter;
+            if !same || hour_start(next.minute) != hour {
+                break;
+            }
+            sums.quantity = sums.quantity.saturating_add(more.quantity);
+            sums.batches += more.batches;
+            rows.next();
+        }
+        Some((key, hour, sums))
+    })
+}
+
+/// The whole hours `[first, end)` inside `[from, to)`: `first` is the
+/// first hour start at or after `from` (or `to`), `end` the last at or
+/// before `to` (but not before `first`). So `[from, first)` and `[end, to)`
+/// hold the partial hours, and all three ranges are empty or inside.
+fn whole_hours(from: i64, to: i64) -> (i64, i64) {
+    let first = hour_start(from);
+    let first = if first < from {
+        first.checked_add(MICROS_PER_HOUR).unwrap_or(to)
+    } else {
+        first
+    };
+    let first = first.min(to).max(from);
+    (first, hour_start(to).max(first))
+}
+
+/// Start of the hour `unix_micros` is in.
+fn hour_start(unix_micros: i64) -> i64 {
+    unix_micros.div_euclid(MICROS_PER_HOUR) * MICROS_PER_HOUR
+}
+
+const MICROS_PER_HOUR: i64 = 60 * MICROS_PER_MINUTE;
 
 /// Rows of session state read in one query.
 const SESSIONS_PER_QUERY: usize = 500;
@@ -408,58 +484,109 @@ impl Store {
         for batch in batches {
             touched.insert(&batch.session_id, (&batch.service, &batch.instance));
         }
+        let mut sessions = Vec::with_capacity(touched.len());
         for (session, (service, instance)) in touched {
             let Some(state) = states.get_mut(session) else { continue };
             committed.declared_lost += state.declare_old_holes(clock.now_micros, clock.gap_grace_micros);
-            save_session(&mut tx, session, service, instance, state, clock.now_micros).await?;
+            let next_seq = i64::try_from(state.next_seq).unwrap_or(i64::MAX);
+            let row = (
+                session,
+                service,
+                instance,
+                next_seq,
+                state.above_text(),
+                state.hole_since_micros,
+            );
+            sessions.push((row, state.lost_text()));
         }
+        let mut params = Vec::with_capacity(sessions.len() * 8);
+        for ((session, service, instance, next_seq, above, hole_since), lost) in &sessions {
+            params.extend([
+                Param::Text(session),
+                Param::Text(service),
+                Param::Text(instance),
+                Param::Int(*next_seq),
+                Param::Text(above),
+                Param::NullableInt(*hole_since),
+                Param::Text(lost),
+                Param::Int(clock.now_micros),
+            ]);
+        }
+        upsert(
+            &mut tx,
+            "INSERT INTO session_state (session_id, service, instance, next_seq, above, hole_since, lost, last_seen)",
+            "ON CONFLICT (session_id) DO UPDATE SET
+               service = excluded.service, instance = excluded.instance, next_seq = excluded.next_seq,
+               above = excluded.above, hole_since = excluded.hole_since, lost = excluded.lost,
+               last_seen = excluded.last_seen",
+            8,
+            &params,
+        )
+        .await?;
+        let add_up = |table: &str, keys: &str| {
+            format!(
+                "ON CONFLICT ({keys}) DO UPDATE SET
+                   quantity = {table}.quantity + excluded.quantity, batches = {table}.batches + excluded.batches"
+            )
+        };
+        params.clear();
         for (key, sums) in rollups.rows() {
-            sqlx::query(
-                "INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (tenant, minute, service, meter) DO UPDATE SET
-                   quantity = usage_rollup.quantity + excluded.quantity,
-                   batches = usage_rollup.batches + excluded.batches",
-            )
-            .bind(key.tenant.as_ref())
-            .bind(key.service.as_ref())
-            .bind(key.meter.as_ref())
-            .bind(key.minute)
-            .bind(sums.quantity)
-            .bind(sums.batches)
-            .execute(&mut *tx)
-            .await?;
+            params.extend(rollup_params(key, key.minute, *sums));
         }
+        upsert(
+            &mut tx,
+            "INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)",
+            &add_up("usage_rollup", "tenant, minute, service, meter"),
+            6,
+            &params,
+        )
+        .await?;
+        params.clear();
+        for (key, hour, sums) in hours(rollups.rows()) {
+            params.extend(rollup_params(key, hour, sums));
+        }
+        upsert(
+            &mut tx,
+            "INSERT INTO usage_rollup_hour (tenant, service, meter, hour, quantity, batches)",
+            &add_up("usage_rollup_hour", "tenant, hour, service, meter"),
+            6,
+            &params,
+        )
+        .await?;
         let stored_minute = minute_start(clock.now_micros);
+        params.clear();
         for (key, sums) in late.rows() {
-            sqlx::query(
-                "INSERT INTO late_usage (tenant, service, meter, minute, stored_minute, quantity, batches)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (tenant, minute, service, meter, stored_minute) DO UPDATE SET
-                   quantity = late_usage.quantity + excluded.quantity,
-                   batches = late_usage.batches + excluded.batches",
-            )
-            .bind(key.tenant.as_ref())
-            .bind(key.service.as_ref())
-            .bind(key.meter.as_ref())
-            .bind(key.minute)
-            .bind(stored_minute)
-            .bind(sums.quantity)
-            .bind(sums.batches)
-            .execute(&mut *tx)
-            .await?;
+            let [tenant, service, meter, minute, quantity, batches] = rollup_params(key, key.minute, *sums);
+            params.extend([
+                tenant,
+                service,
+                meter,
+                minute,
+                Param::Int(stored_minute),
+                quantity,
+                batches,
+            ]);
         }
+        upsert(
+            &mut tx,
+            "INSERT INTO late_usage (tenant, service, meter, minute, stored_minute, quantity, batches)",
+            &add_up("late_usage", "tenant, minute, service, meter, stored_minute"),
+            7,
+            &params,
+        )
+        .await?;
+        params.clear();
         for &(part, next_offset) in next_offsets {
-            sqlx::query(
-                "INSERT INTO log_offset (topic, part, next_offset) VALUES ($1, $2, $3)
-                 ON CONFLICT (topic, part) DO UPDATE SET next_offset = excluded.next_offset",
-            )
-            .bind(topic)
-            .bind(part)
-            .bind(next_offset)
-            .execute(&mut *tx)
-            .await?;
+            params.extend([Param::Text(topic), Param::Int(i64::from(part)), Param::Int(next_offset)]);
         }
+        upsert(
+            &mut tx,
+            "INSERT INTO log_offset (topic, part, next_offset)",
+            "ON CONFLICT (topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+            3,
+            &params,
+        )
+        .await?;
         tx.commit().await?;
         Ok(committed)
     }
@@ -496,14 +623,32 @@ impl Store {
     }
 
     /// Rolled-up usage per window (and service, if asked), oldest first.
+    ///
+    /// Windows of whole hours read the whole hours of the range from the
+    /// hourly rollups and only its partial hours at either end from the
+    /// minute rollups; shorter windows read minutes.
     pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let window = q.window_micros.max(1);
+        let (hours_from, hours_to) = if window % MICROS_PER_HOUR == 0 {
+            whole_hours(q.from, q.to)
+        } else {
+            (q.to, q.to)
+        };
         let service = if q.by_service { "service" } else { "''" };
+        let filters = "tenant = $1 AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)";
         let sql = format!(
-            "SELECT (minute / $6) * $6 AS window_start, {service} AS service, meter,
+            "SELECT (t / $6) * $6 AS window_start, {service} AS service, meter,
                     CAST(SUM(quantity) AS BIGINT), CAST(SUM(batches) AS BIGINT)
-             FROM usage_rollup
-             WHERE tenant = $1 AND minute >= $2 AND minute < $3
-               AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)
+             FROM (
+                 SELECT hour AS t, service, meter, quantity, batches FROM usage_rollup_hour
+                 WHERE {filters} AND hour >= $7 AND hour < $8
+                 UNION ALL
+                 SELECT minute AS t, service, meter, quantity, batches FROM usage_rollup
+                 WHERE {filters} AND minute >= $2 AND minute < $7
+                 UNION ALL
+                 SELECT minute AS t, service, meter, quantity, batches FROM usage_rollup
+                 WHERE {filters} AND minute >= $8 AND minute < $3
+             ) AS rows
              GROUP BY 1, 2, 3
              ORDER BY 1, 2, 3"
         );
@@ -513,7 +658,9 @@ impl Store {
             .bind(q.to)
             .bind(q.service.as_deref().unwrap_or(""))
             .bind(q.meter.as_deref().unwrap_or(""))
-            .bind(q.window_micros.max(1))
+            .bind(window)
+            .bind(hours_from)
+            .bind(hours_to)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -666,35 +813,6 @@ async fn load_sessions<'a>(
     Ok(states)
 }
 
-async fn save_session(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    session: &str,
-    service: &str,
-    instance: &str,
-    state: &SessionState,
-    now_micros: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO session_state (session_id, service, instance, next_seq, above, hole_since, lost, last_seen)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (session_id) DO UPDATE SET
-           service = excluded.service, instance = excluded.instance, next_seq = excluded.next_seq,
-           above = excluded.above, hole_since = excluded.hole_since, lost = excluded.lost,
-           last_seen = excluded.last_seen",
-    )
-    .bind(session)
-    .bind(service)
-    .bind(instance)
-    .bind(i64::try_from(state.next_seq).unwrap_or(i64::MAX))
-    .bind(state.above_text())
-    .bind(state.hole_since_micros)
-    .bind(state.lost_text())
-    .bind(now_micros)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -813,6 +931,123 @@ mod tests {
             .map(|r| r.quantity)
             .sum();
         assert_eq!(total, 6, "seqs 0 to 5, each once");
+    }
+
+    #[test]
+    fn whole_hours_leave_only_partial_hours_at_the_ends() {
+        const H: i64 = MICROS_PER_HOUR;
+        const M: i64 = MICROS_PER_MINUTE;
+        assert_eq!(whole_hours(0, 3 * H), (0, 3 * H), "aligned: all hours");
+        assert_eq!(whole_hours(10 * M, 3 * H + 5 * M), (H, 3 * H));
+        assert_eq!(whole_hours(10 * M, 20 * M), (20 * M, 20 * M), "inside one hour: none");
+        assert_eq!(whole_hours(10 * M, H), (H, H));
+        assert_eq!(whole_hours(0, i64::MAX), (0, hour_start(i64::MAX)));
+    }
+
+    #[tokio::test]
+    async fn hour_and_day_windows_from_hourly_rollups_equal_the_minutes_folded() {
+        const M: i64 = MICROS_PER_MINUTE;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&format!("sqlite:{}", dir.path().join("b.db").display()))
+            .await
+            .expect("open");
+        // Minutes spread over three hours and two services (seq n has n + 1
+        // requests; even seqs are service a), in two commits, so that hourly
+        // rows are added to as well as inserted.
+        let minutes = [0, 1, 59, 60, 61, 119, 125, 170, 179];
+        let batches: Vec<UsageBatch> = minutes
+            .iter()
+            .enumerate()
+            .map(|(seq, minute)| UsageBatch {
+                service: if seq % 2 == 0 { "a" } else { "b" }.into(),
+                window_start_unix_micros: minute * M + 1,
+                window_end_unix_micros: minute * M + 2,
+                ..batch("s1", seq as u64, "acme", seq as u64 + 1)
+            })
+            .collect();
+        let (first, second) = batches.split_at(4);
+        store.commit("t", first, &[(0, 4)], CLOCK).await.expect("commit");
+        store.commit("t", second, &[(0, 9)], CLOCK).await.expect("commit");
+        for (from, to) in [
+            (0, 180 * M),
+            (1, 180 * M),
+            (30 * M, 150 * M),
+            (61 * M, 62 * M),
+            (60 * M, 120 * M),
+        ] {
+            for (window, by_service) in [(60 * M, true), (60 * M, false), (1440 * M, false), (120 * M, true)] {
+                let q = UsageQuery {
+                    from,
+                    to,
+                    window_micros: window,
+                    by_service,
+                    ..all("acme")
+                };
+                let minutes = store
+                    .usage(&UsageQuery {
+                        window_micros: M,
+                        ..q.clone()
+                    })
+                    .await
+                    .expect("minutes");
+                let mut folded: BTreeMap<(i64, Option<String>), (i64, i64)> = BTreeMap::new();
+                for row in minutes {
+                    let sums = folded
+                        .entry(((row.window_start / window) * window, row.service))
+                        .or_default();
+                    sums.0 += row.quantity;
+                    sums.1 += row.batches;
+                }
+                let got: BTreeMap<(i64, Option<String>), (i64, i64)> = store
+                    .usage(&q)
+                    .await
+                    .expect("windows")
+                    .into_iter()
+                    .map(|r| ((r.window_start, r.service), (r.quantity, r.batches)))
+                    .collect();
+                assert_eq!(
+                    got, folded,
+                    "from {from} to {to} window {window} by service {by_service}"
+                );
+                assert!(!got.is_empty());
+            }
+        }
+        let hourly = |store: Store| async move {
+            sqlx::query("SELECT hour, service, quantity, batches FROM usage_rollup_hour ORDER BY hour, service")
+                .fetch_all(store.pool())
+                .await
+                .expect("hourly rows")
+                .iter()
+                .map(|r| {
+                    let row: (i64, String, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                    row
+                })
+                .collect::<Vec<_>>()
+        };
+        let written = hourly(store.clone()).await;
+        let h = 60 * M;
+        let expected = [
+            (0, "a", 1 + 3, 2),
+            (0, "b", 2, 1),
+            (h, "a", 5, 1),
+            (h, "b", 4 + 6, 2),
+            (2 * h, "a", 7 + 9, 2),
+            (2 * h, "b", 8, 1),
+        ]
+        .map(|(hour, service, q, b)| (hour, service.to_owned(), q, b));
+        assert_eq!(written, expected);
+
+        // A store from before hourly rollups gets them from its minutes.
+        let conn = store.pool();
+        conn.execute("DROP TABLE usage_rollup_hour").await.expect("drop");
+        conn.execute("DELETE FROM tidemark_schema WHERE version = 5")
+            .await
+            .expect("unmigrate");
+        drop(store);
+        let store = Store::open(&format!("sqlite:{}", dir.path().join("b.db").display()))
+            .await
+            .expect("reopen");
+        assert_eq!(hourly(store).await, expected);
     }
 
     #[test]

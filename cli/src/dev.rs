@@ -70,12 +70,15 @@ pub struct DevArgs {
     #[arg(long, env = "TIDEMARK_DEMO_WORK", value_parser = tidemark_runtime::config::duration, default_value = "50ms")]
     pub demo_work: Duration,
 
-    /// Built-in load on the entry port: `steady=RPS`, or `step=LOW,HIGH@EVERY`
-    /// (e.g. `step=20,400@30s`) to watch the service scale up and down.
+    /// Built-in load on the entry port: `steady=RPS`, `step=LOW,HIGH@EVERY`
+    /// (e.g. `step=20,400@30s`) to watch the service scale up and down, or
+    /// `trace=FILE[@SPEEDx]` to replay a request trace once, SPEED times
+    /// faster (e.g. `trace=conv.csv@20x`; the formats of `tidemark simulate`,
+    /// a tenant column's tenants included).
     #[arg(long, env = "TIDEMARK_LOAD")]
     pub load: Option<load::LoadProfile>,
 
-    /// Tenant the built-in load bills to.
+    /// Tenant the built-in load bills to (a trace's rows without a tenant).
     #[arg(long, env = "TIDEMARK_LOAD_TENANT", default_value = "acme")]
     pub load_tenant: String,
 
@@ -107,6 +110,10 @@ const DEV_PLAN: &str = "aws-lambda-x86";
 /// collector still takes their last reports; then collector and billing.
 pub async fn run(mut args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let (stop_core, core) = tidemark_runtime::shutdown::channel();
+    let load = match &args.load {
+        Some(profile) => Some(profile.prepare().context("cannot start: check --load")?),
+        None => None,
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let log = Log::open(LogConfig::Embedded(EmbeddedConfig {
@@ -162,7 +169,7 @@ pub async fn run(mut args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     ));
     let api_task = tokio::spawn(tidemark_billing::api::serve(api_listener, api_state, core.clone()));
     let app = match app_command(&args)? {
-        Some(command) => Some(start_app(&args, command, ingest_addr, &log, &board, &shutdown).await?),
+        Some(command) => Some(start_app(&args, command, load, ingest_addr, &log, &board, &shutdown).await?),
         None => None,
     };
     readiness.set(true);
@@ -225,6 +232,7 @@ type AppTasks = (tokio::task::JoinHandle<anyhow::Result<()>>, tokio::task::JoinH
 async fn start_app(
     args: &DevArgs,
     command: CommandLine,
+    load: Option<load::Load>,
     ingest: SocketAddr,
     log: &Log,
     board: &Arc<DecisionBoard>,
@@ -242,10 +250,11 @@ async fn start_app(
     let entry_listener = bind(args.entry_listen, "entry HTTP (the app's instances)").await?;
     let entry_addr = entry_listener.local_addr()?;
     let entry_task = tokio::spawn(entry::serve(entry_listener, orchestrator.instances(), shutdown.clone()));
-    if let Some(profile) = args.load {
+    if let Some(load) = load {
         tokio::spawn(load::run(
-            profile,
+            load,
             entry_addr,
+            orchestrator.instances(),
             args.load_tenant.clone(),
             shutdown.clone(),
         ));

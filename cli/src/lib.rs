@@ -9,4 +9,5 @@ pub mod invoice;
 pub mod loadgen;
 pub mod reconcile;
 pub mod simulate;
+pub mod trace;
 pub mod usage;

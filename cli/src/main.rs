@@ -20,7 +20,8 @@ enum Command {
     Dev(tidemark::dev::DevArgs),
     /// Run a small, fast HTTP/1.1 app: the benchmark upstream and an app to try Tidemark with.
     DemoApp(tidemark::demo_app::DemoAppArgs),
-    /// Send HTTP/1.1 load at a constant rate (or as fast as possible) and report latency percentiles.
+    /// Send HTTP/1.1 load at a constant rate, as fast as possible, or as a request trace has it, and report latency
+    /// percentiles.
     Loadgen(tidemark::loadgen::LoadgenArgs),
     /// Replay a request trace against Tidemark's autoscaler and Knative's KPA and the Kubernetes HPA, simulated.
     Simulate(tidemark::simulate::SimulateArgs),

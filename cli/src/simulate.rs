@@ -3,7 +3,8 @@
 //! and compares it with ports of Knative's KPA and the Kubernetes HPA on the
 //! same trace and the same instance model. See `docs/simulate.md`.
 //!
-//! - [`trace`]: reading traces (a plain CSV, or the Azure LLM inference trace);
+//! - [`crate::trace`]: reading traces (a plain CSV, or the Azure LLM inference trace),
+//!   shared with `tidemark loadgen --trace`;
 //! - [`engine`]: the discrete-event engine and what it measures;
 //! - [`tidemark`]: the policy file and Tidemark's `ServiceScaler` in the engine;
 //! - [`kpa`], [`hpa`]: the baselines;
@@ -14,7 +15,6 @@ pub mod hpa;
 pub mod kpa;
 pub mod report;
 pub mod tidemark;
-pub mod trace;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,9 +24,9 @@ use clap::{Args, ValueEnum};
 use tidemark_collector::autoscaler::policy::Policy;
 use tidemark_runtime::config::duration;
 
+use crate::trace::{TokenModel, Trace};
 use engine::{Config, Outcome, Scaler};
 use report::{Results, Setting};
-use trace::{TokenModel, Trace};
 
 /// After the last arrival, how long the engine waits for requests still
 /// queued before it gives up on them (they count as unserved).

@@ -98,6 +98,16 @@ impl RequestTemplate {
         *request.headers_mut() = self.headers.clone();
         request
     }
+
+    /// The request with `header` set to `value`, replacing the template's
+    /// own values of that header (a trace row's tenant); `None` is [`RequestTemplate::request`].
+    pub fn request_with(&self, header: Option<(&HeaderName, &HeaderValue)>) -> Request<Empty<Bytes>> {
+        let mut request = self.request();
+        if let Some((name, value)) = header {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
+        request
+    }
 }
 
 /// Resolves the target's address once, before the run.
@@ -174,6 +184,23 @@ mod tests {
         assert_eq!(request.uri(), "/");
         assert_eq!(request.headers().get_all(HOST).iter().count(), 1);
         assert_eq!(request.headers()[HOST], "shop.example");
+    }
+
+    #[test]
+    fn a_row_s_tenant_replaces_the_header_s_tenant() {
+        let target: Uri = "http://127.0.0.1:23000/".parse().unwrap();
+        let headers = [
+            parse_header("x-tenant-id: acme").unwrap(),
+            parse_header("x-other: kept").unwrap(),
+        ];
+        let (template, _) = RequestTemplate::new(&target, &headers).unwrap();
+        let name = HeaderName::from_static("x-tenant-id");
+        let beta = HeaderValue::from_static("beta");
+        let request = template.request_with(Some((&name, &beta)));
+        let tenants: Vec<_> = request.headers().get_all("x-tenant-id").iter().collect();
+        assert_eq!(tenants, vec![&beta]);
+        assert_eq!(request.headers()["x-other"], "kept");
+        assert_eq!(template.request_with(None).headers()["x-tenant-id"], "acme");
     }
 
     #[test]

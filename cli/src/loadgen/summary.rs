@@ -1,5 +1,6 @@
 //! What a run measured: per-worker tallies, merged into one summary.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -25,6 +26,19 @@ pub struct Tally {
     pub unmeasured_responses: u64,
     /// End of the last measured response, from the start of the measured window.
     pub last_done: Duration,
+    /// Requests sent (started), warmup included.
+    pub sent: u64,
+    /// A trace replay's requests by the trace's tenant index (`None`: rows
+    /// without a tenant), warmup included.
+    pub by_tenant: BTreeMap<Option<u32>, Sent>,
+}
+
+/// How many requests one tenant of a trace sent, and how many got an HTTP
+/// response (any status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Sent {
+    pub sent: u64,
+    pub answered: u64,
 }
 
 /// How one measured request ended.
@@ -47,6 +61,8 @@ impl Default for Tally {
             io_errors: 0,
             unmeasured_responses: 0,
             last_done: Duration::ZERO,
+            sent: 0,
+            by_tenant: BTreeMap::new(),
         }
     }
 }
@@ -87,6 +103,16 @@ impl Tally {
         }
     }
 
+    /// Counts a request of a trace replay, sent for `tenant` (the trace's
+    /// index), and whether it got an answer (`None`: unfinished).
+    pub fn record_tenant(&mut self, tenant: Option<u32>, outcome: Option<Outcome>) {
+        let count = self.by_tenant.entry(tenant).or_default();
+        count.sent += 1;
+        if outcome.is_some_and(|o| o != Outcome::Io) {
+            count.answered += 1;
+        }
+    }
+
     pub fn merge(&mut self, other: &Tally) {
         // Same bounds on both sides, so adding cannot fail; saturate anyway.
         for v in other.latency.iter_recorded() {
@@ -101,6 +127,12 @@ impl Tally {
         self.io_errors += other.io_errors;
         self.unmeasured_responses += other.unmeasured_responses;
         self.last_done = self.last_done.max(other.last_done);
+        self.sent += other.sent;
+        for (tenant, count) in &other.by_tenant {
+            let sum = self.by_tenant.entry(*tenant).or_default();
+            sum.sent += count.sent;
+            sum.answered += count.answered;
+        }
     }
 
     pub fn errors(&self) -> u64 {
@@ -112,7 +144,7 @@ impl Tally {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     pub target: String,
-    /// Requests per second asked for; 0 for as fast as possible.
+    /// Requests per second asked for; 0 for as fast as possible, and for a trace replay.
     pub rate: u64,
     pub connections: usize,
     pub duration_s: f64,
@@ -130,6 +162,8 @@ pub struct Summary {
     /// Every response received, whatever its status, warmup included: what
     /// the target answered (and a metering proxy should have counted).
     pub responses: u64,
+    /// Requests sent, warmup included (answered or not).
+    pub sent: u64,
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
@@ -139,6 +173,49 @@ pub struct Summary {
     /// own timer slack plus, when every connection was busy, the queueing wait.
     pub lag_p50_us: f64,
     pub lag_p99_us: f64,
+    /// What a trace replay sent; absent for a constant rate or a closed loop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceSummary>,
+}
+
+/// The trace a run replayed, and what it sent for each tenant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TraceSummary {
+    pub file: String,
+    pub format: String,
+    /// Requests in the trace.
+    pub requests: u64,
+    /// Requests of the trace the run was to send (all of them unless `--duration` cut the replay short).
+    pub scheduled: u64,
+    /// How many times faster than the trace.
+    pub speed: f64,
+    /// From the first request to the last, at that speed.
+    pub span_s: f64,
+    /// Per tenant: rows without one first (`tenant` absent: sent with the
+    /// run's own headers), then the trace's tenants in order of first appearance.
+    pub tenants: Vec<TenantSent>,
+}
+
+/// What one tenant of a trace replay sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TenantSent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub sent: u64,
+    pub answered: u64,
+}
+
+/// The trace of a replay, for the summary.
+#[derive(Debug, Clone)]
+pub struct TraceShape {
+    pub file: String,
+    pub format: String,
+    pub requests: u64,
+    pub scheduled: u64,
+    pub speed: f64,
+    pub span: Duration,
+    /// The trace's tenant names, by index.
+    pub tenant_names: Vec<String>,
 }
 
 /// How the run was set up, for the summary.
@@ -149,8 +226,10 @@ pub struct RunShape {
     pub connections: usize,
     pub duration: Duration,
     pub warmup: Duration,
-    /// Measured requests that were due (constant rate only).
+    /// Measured requests that were due (constant rate and trace replay).
     pub scheduled: Option<u64>,
+    /// The trace replayed, if any.
+    pub trace: Option<TraceShape>,
 }
 
 impl Summary {
@@ -187,6 +266,24 @@ impl Summary {
             max_us: micros(tally.latency.max()),
             lag_p50_us: quantile_us(&tally.lag, 0.50),
             lag_p99_us: quantile_us(&tally.lag, 0.99),
+            sent: tally.sent,
+            trace: shape.trace.as_ref().map(|trace| TraceSummary {
+                file: trace.file.clone(),
+                format: trace.format.clone(),
+                requests: trace.requests,
+                scheduled: trace.scheduled,
+                speed: trace.speed,
+                span_s: trace.span.as_secs_f64(),
+                tenants: tally
+                    .by_tenant
+                    .iter()
+                    .map(|(index, count)| TenantSent {
+                        tenant: index.and_then(|i| trace.tenant_names.get(usize::try_from(i).ok()?).cloned()),
+                        sent: count.sent,
+                        answered: count.answered,
+                    })
+                    .collect(),
+            }),
         }
     }
 }
@@ -210,7 +307,21 @@ fn round1(x: f64) -> f64 {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "target      {}", self.target)?;
-        if self.rate == 0 {
+        if let Some(trace) = &self.trace {
+            writeln!(
+                f,
+                "load        trace {} ({}): {} requests over {:.1} s at {}x (latency from scheduled time), \
+                 {} connections, {}s after {}s warmup",
+                trace.file,
+                trace.format,
+                trace.requests,
+                trace.span_s,
+                trace.speed,
+                self.connections,
+                self.duration_s,
+                self.warmup_s
+            )?;
+        } else if self.rate == 0 {
             writeln!(
                 f,
                 "load        as fast as possible (closed loop), {} connections, {}s after {}s warmup",
@@ -229,6 +340,25 @@ impl fmt::Display for Summary {
             self.achieved_rps, self.count, self.errors, self.status_errors, self.io_errors, self.unfinished
         )?;
         writeln!(f, "responses   {} in all, warmup included", self.responses)?;
+        match &self.trace {
+            Some(trace) => {
+                write!(
+                    f,
+                    "sent        {} of the trace's {} requests",
+                    self.sent, trace.requests
+                )?;
+                if trace.scheduled < trace.requests {
+                    write!(f, " ({} within --duration)", trace.scheduled)?;
+                }
+                for (i, t) in trace.tenants.iter().enumerate() {
+                    let who = t.tenant.as_deref().unwrap_or("(rows without a tenant)");
+                    let sep = if i == 0 { ": " } else { ", " };
+                    write!(f, "{sep}{who} {} ({} answered)", t.sent, t.answered)?;
+                }
+                writeln!(f)?;
+            }
+            None => writeln!(f, "sent        {} requests, warmup included", self.sent)?,
+        }
         writeln!(
             f,
             "latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
@@ -258,6 +388,7 @@ mod tests {
             duration: Duration::from_secs(1),
             warmup: Duration::ZERO,
             scheduled,
+            trace: None,
         }
     }
 
@@ -346,6 +477,57 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_reports_what_each_tenant_sent() {
+        let mut a = Tally::default();
+        let mut b = Tally::default();
+        for _ in 0..3 {
+            a.sent += 1;
+            a.record(Outcome::Ok, us(10), Duration::ZERO, us(5));
+            a.record_tenant(Some(1), Some(Outcome::Ok));
+        }
+        b.sent += 3;
+        b.record_tenant(Some(0), Some(Outcome::Status(503)));
+        b.record_tenant(Some(0), Some(Outcome::Io));
+        b.record_tenant(None, None);
+        a.merge(&b);
+        let mut replay = shape(0, Some(6));
+        replay.trace = Some(TraceShape {
+            file: "t.csv".into(),
+            format: "csv".into(),
+            requests: 7,
+            scheduled: 6,
+            speed: 2.0,
+            span: Duration::from_millis(1500),
+            tenant_names: vec!["acme".into(), "beta".into()],
+        });
+        let s = Summary::new(&replay, &a);
+        assert_eq!(s.sent, 6);
+        let trace = s.trace.clone().expect("a trace summary");
+        let tenants: Vec<(Option<&str>, u64, u64)> = trace
+            .tenants
+            .iter()
+            .map(|t| (t.tenant.as_deref(), t.sent, t.answered))
+            .collect();
+        assert_eq!(tenants, vec![(None, 1, 0), (Some("acme"), 2, 1), (Some("beta"), 3, 3)]);
+        let text = s.to_string();
+        assert!(
+            text.contains("load        trace t.csv (csv): 7 requests over 1.5 s at 2x"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "sent        6 of the trace's 7 requests (6 within --duration): (rows without a tenant) 1 (0 answered), \
+                 acme 2 (1 answered), beta 3 (3 answered)"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["trace"]["tenants"][1]["tenant"], "acme");
+        assert_eq!(json["trace"]["tenants"][1]["sent"], 2);
+        assert!(json["trace"]["tenants"][0].get("tenant").is_none(), "{json}");
+    }
+
+    #[test]
     fn an_empty_run_reports_zeros() {
         let s = Summary::new(&shape(0, None), &Tally::default());
         assert_eq!((s.count, s.p50_us, s.max_us, s.achieved_rps), (0, 0.0, 0.0, 0.0));
@@ -367,8 +549,10 @@ mod tests {
             "p999_us",
             "max_us",
             "responses",
+            "sent",
         ] {
             assert!(json.get(key).is_some(), "{key}");
         }
+        assert!(json.get("trace").is_none(), "only a replay has a trace: {json}");
     }
 }

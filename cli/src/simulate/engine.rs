@@ -53,7 +53,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use super::trace::Request;
+use crate::trace::Request;
 
 /// Fixed parameters of one run.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::engine::{self, Config, Outcome, Report, Scaler, View};
 use super::tidemark::{Tidemark, resolve_policy};
-use super::trace::{Request, Trace};
 use super::*;
+use crate::trace::{Request, Trace};
 
 const SECOND: i64 = 1_000_000;
 
@@ -17,6 +17,7 @@ fn steady(from: i64, until: i64, gap: i64, service: i64) -> Vec<Request> {
         .map(|arrival_micros| Request {
             arrival_micros,
             service_micros: service,
+            tenant: None,
         })
         .collect()
 }
@@ -181,6 +182,7 @@ fn one_instance_for_exactly_ten_seconds() {
     let requests = vec![Request {
         arrival_micros: 0,
         service_micros: 10 * SECOND,
+        tenant: None,
     }];
     let o = engine::run(config(10, 7.0, 0), &requests, &mut Script::default());
     assert_eq!(o.instance_seconds, 10.0);
@@ -200,10 +202,12 @@ fn hand_computed_scale_up_with_startup_and_queueing() {
         Request {
             arrival_micros: 0,
             service_micros: 10 * SECOND,
+            tenant: None,
         },
         Request {
             arrival_micros: SECOND,
             service_micros: 5 * SECOND,
+            tenant: None,
         },
     ];
     let mut script = Script {
@@ -248,6 +252,7 @@ fn scale_down_drains_busy_instances_and_stops_idle_ones_first() {
     let requests = vec![Request {
         arrival_micros: 0,
         service_micros: 10 * SECOND,
+        tenant: None,
     }];
     let mut cfg = config(10, 7.0, 0);
     cfg.initial_instances = 3;

@@ -1,10 +1,15 @@
-//! Request traces: when each request arrives and how long it needs an
-//! instance for.
+//! Request traces: when each request arrives, how long it needs an
+//! instance for and, if the trace says, which tenant sends it. Read by
+//! `tidemark simulate` (against simulated autoscalers) and by
+//! `tidemark loadgen --trace` and `tidemark dev --load trace=` (replayed as
+//! real HTTP requests), so the same files work for all three.
 //!
 //! Two formats, told apart by the first line:
 //!
 //! - **CSV** `arrival_seconds,service_seconds`: arrival relative to the start
-//!   of the trace, both floats; the header line is optional.
+//!   of the trace, both floats; the header line is optional. With the header
+//!   `arrival_seconds,service_seconds,tenant`, a third column names each
+//!   request's tenant (empty: no tenant, the replay's default).
 //! - **Azure LLM inference trace** (`TIMESTAMP,ContextTokens,GeneratedTokens`,
 //!   timestamps `YYYY-MM-DD HH:MM:SS.fffffff`): arrivals are made relative to
 //!   the first row, and the service time is
@@ -13,10 +18,12 @@
 //! Times are whole microseconds from here on. Requests come out sorted by
 //! arrival (stable, so rows with equal arrivals keep their order).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDateTime;
+use tidemark_sidecar::tenant::is_valid_tenant;
 
 /// One request of a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +32,9 @@ pub struct Request {
     pub arrival_micros: i64,
     /// How long an instance works on it once it starts, µs.
     pub service_micros: i64,
+    /// Who sends it: an index into [`Trace::tenants`]; `None` when the
+    /// trace has no tenant column or the row leaves it empty.
+    pub tenant: Option<u32>,
 }
 
 /// The requests of a trace, sorted by arrival.
@@ -33,6 +43,8 @@ pub struct Trace {
     pub requests: Vec<Request>,
     /// Which format the file was read as.
     pub format: Format,
+    /// The tenants the requests name, each once, in order of first appearance.
+    pub tenants: Vec<String>,
 }
 
 /// The trace formats understood.
@@ -42,6 +54,8 @@ pub enum Format {
     /// `arrival_seconds,service_seconds`.
     #[default]
     Csv,
+    /// `arrival_seconds,service_seconds,tenant`.
+    CsvWithTenant,
     /// `TIMESTAMP,ContextTokens,GeneratedTokens`.
     AzureLlm,
 }
@@ -50,6 +64,7 @@ impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Format::Csv => "csv (arrival_seconds,service_seconds)",
+            Format::CsvWithTenant => "csv (arrival_seconds,service_seconds,tenant)",
             Format::AzureLlm => "azure-llm (TIMESTAMP,ContextTokens,GeneratedTokens)",
         })
     }
@@ -126,6 +141,7 @@ impl Trace {
         };
         let header: Vec<String> = first.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
         let mut requests = Vec::new();
+        let mut tenants = Tenants::default();
         let format = if header.len() == 3 && header[0] == "timestamp" && header[2] == "generatedtokens" {
             check_token_model(path, tokens)?;
             let mut start = None;
@@ -137,6 +153,7 @@ impl Trace {
                 requests.push(Request {
                     arrival_micros: arrival,
                     service_micros: seconds_to_micros(service).map_err(|r| line_error(no, r))?,
+                    tenant: None,
                 });
             }
             // Rows before the first one (the trace is sorted, but a cut may not be)
@@ -146,15 +163,29 @@ impl Trace {
                 r.arrival_micros -= earliest;
             }
             Format::AzureLlm
-        } else if header.len() == 2 && header[0] == "arrival_seconds" && header[1] == "service_seconds" {
+        } else if header.len() >= 2 && header[0] == "arrival_seconds" && header[1] == "service_seconds" {
+            let format = match header.get(2..) {
+                Some([]) => Format::Csv,
+                Some([tenant]) if tenant == "tenant" => Format::CsvWithTenant,
+                _ => {
+                    return Err(line_error(
+                        first_no,
+                        format!(
+                            "unknown columns: expected `arrival_seconds,service_seconds` or \
+                             `arrival_seconds,service_seconds,tenant`; found `{first}`"
+                        ),
+                    ));
+                }
+            };
             for (no, line) in lines {
-                requests.push(parse_csv(line).map_err(|r| line_error(no, r))?);
+                let request = parse_csv(line, format, &mut tenants).map_err(|r| line_error(no, r))?;
+                requests.push(request);
             }
-            Format::Csv
+            format
         } else if header.len() == 2 {
             // No header: the first line is a request.
             for (no, line) in std::iter::once((first_no, first)).chain(lines) {
-                requests.push(parse_csv(line).map_err(|r| line_error(no, r))?);
+                requests.push(parse_csv(line, Format::Csv, &mut tenants).map_err(|r| line_error(no, r))?);
             }
             Format::Csv
         } else {
@@ -162,7 +193,8 @@ impl Trace {
                 first_no,
                 format!(
                     "unknown trace format: expected a header `arrival_seconds,service_seconds` (or no header and \
-                     two numbers a line), or `TIMESTAMP,ContextTokens,GeneratedTokens`; found `{first}`"
+                     two numbers a line), `arrival_seconds,service_seconds,tenant`, or \
+                     `TIMESTAMP,ContextTokens,GeneratedTokens`; found `{first}`"
                 ),
             ));
         };
@@ -173,7 +205,19 @@ impl Trace {
             });
         }
         requests.sort_by_key(|r| r.arrival_micros);
-        Ok(Trace { requests, format })
+        Ok(Trace {
+            requests,
+            format,
+            tenants: tenants.names,
+        })
+    }
+
+    /// The name of `request`'s tenant, if the trace gives one.
+    pub fn tenant(&self, request: &Request) -> Option<&str> {
+        request
+            .tenant
+            .and_then(|i| self.tenants.get(usize::try_from(i).ok()?))
+            .map(String::as_str)
     }
 
     /// Divides every arrival time (and so every gap between arrivals) by
@@ -202,13 +246,51 @@ fn check_token_model(path: &Path, tokens: TokenModel) -> Result<(), TraceError> 
     }
 }
 
-fn parse_csv(line: &str) -> Result<Request, String> {
+/// The tenant names met so far, each with its index.
+#[derive(Debug, Default)]
+struct Tenants {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Tenants {
+    /// The index of `name` (empty: none), checked against the sidecar's rules.
+    fn intern(&mut self, name: &str) -> Result<Option<u32>, String> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Some(i) = self.index.get(name) {
+            return Ok(Some(*i));
+        }
+        if !is_valid_tenant(name) {
+            return Err(format!(
+                "tenant `{name}` is not a tenant name: 1 to 128 of A-Z a-z 0-9 . _ - : @ / and not starting with _"
+            ));
+        }
+        let i = u32::try_from(self.names.len()).map_err(|_| "more than 4 billion tenants".to_owned())?;
+        self.names.push(name.to_owned());
+        self.index.insert(name.to_owned(), i);
+        Ok(Some(i))
+    }
+}
+
+fn parse_csv(line: &str, format: Format, tenants: &mut Tenants) -> Result<Request, String> {
     let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-    let [arrival, service] = cols[..] else {
-        return Err(format!(
-            "expected 2 columns `arrival_seconds,service_seconds`, found {}: `{line}`",
-            cols.len()
-        ));
+    let (arrival, service, tenant) = match (format, &cols[..]) {
+        (Format::CsvWithTenant, [arrival, service, tenant]) => (*arrival, *service, tenants.intern(tenant)?),
+        (Format::CsvWithTenant, _) => {
+            return Err(format!(
+                "expected 3 columns `arrival_seconds,service_seconds,tenant`, found {}: `{line}`",
+                cols.len()
+            ));
+        }
+        (_, [arrival, service]) => (*arrival, *service, None),
+        _ => {
+            return Err(format!(
+                "expected 2 columns `arrival_seconds,service_seconds`, found {}: `{line}`",
+                cols.len()
+            ));
+        }
     };
     let number = |name: &str, text: &str| -> Result<f64, String> {
         let v: f64 = text.parse().map_err(|_| format!("{name} `{text}` is not a number"))?;
@@ -221,6 +303,7 @@ fn parse_csv(line: &str) -> Result<Request, String> {
     Ok(Request {
         arrival_micros: seconds_to_micros(number("arrival_seconds", arrival)?)?,
         service_micros: seconds_to_micros(number("service_seconds", service)?)?,
+        tenant,
     })
 }
 
@@ -269,11 +352,13 @@ mod tests {
             vec![
                 Request {
                     arrival_micros: 0,
-                    service_micros: 1_500_000
+                    service_micros: 1_500_000,
+                    tenant: None
                 },
                 Request {
                     arrival_micros: 250_000,
-                    service_micros: 1
+                    service_micros: 1,
+                    tenant: None
                 },
             ]
         );
@@ -315,15 +400,18 @@ mod tests {
             vec![
                 Request {
                     arrival_micros: 0,
-                    service_micros: 940_000
+                    service_micros: 940_000,
+                    tenant: None
                 },
                 Request {
                     arrival_micros: 4_314_579,
-                    service_micros: 1_590_000
+                    service_micros: 1_590_000,
+                    tenant: None
                 },
                 Request {
                     arrival_micros: 13_319_410,
-                    service_micros: 500_000
+                    service_micros: 500_000,
+                    tenant: None
                 },
             ]
         );
@@ -340,6 +428,43 @@ mod tests {
         let text = "TIMESTAMP,ContextTokens,GeneratedTokens\n16/11/2023 18:15,374,44\n";
         let err = parse(text).expect_err("bad timestamp");
         assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn csv_with_a_tenant_column_names_each_request_s_tenant() {
+        let t = parse("arrival_seconds,service_seconds,tenant\n1,0.1,beta\n0,0.1,acme\n0.5,0.1,\n2,0.1,acme\n")
+            .expect("parses");
+        assert_eq!(t.format, Format::CsvWithTenant);
+        // In order of first appearance in the file, before sorting.
+        assert_eq!(t.tenants, vec!["beta".to_owned(), "acme".to_owned()]);
+        let named: Vec<(i64, Option<&str>)> = t.requests.iter().map(|r| (r.arrival_micros, t.tenant(r))).collect();
+        assert_eq!(
+            named,
+            vec![
+                (0, Some("acme")),
+                (500_000, None),
+                (1_000_000, Some("beta")),
+                (2_000_000, Some("acme"))
+            ]
+        );
+        // Without the column, no request has a tenant.
+        let plain = parse("0,1\n").expect("parses");
+        assert!(plain.tenants.is_empty());
+        assert_eq!(plain.tenant(&plain.requests[0]), None);
+    }
+
+    #[test]
+    fn bad_tenant_column_names_file_line_and_reason() {
+        let err = parse("arrival_seconds,service_seconds,tenant\n0,1,acme\n1,1,bad tenant\n").expect_err("bad name");
+        let text = err.to_string();
+        assert!(text.starts_with("trace t.csv: line 3: "), "{text}");
+        assert!(text.contains("tenant `bad tenant` is not a tenant name"), "{text}");
+        let err = parse("arrival_seconds,service_seconds,tenant\n0,1,_idle\n").expect_err("reserved");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        let err = parse("arrival_seconds,service_seconds,tenant\n0,1\n").expect_err("missing column");
+        assert!(err.to_string().contains("line 2: expected 3 columns"), "{err}");
+        let err = parse("arrival_seconds,service_seconds,customer\n0,1,acme\n").expect_err("unknown column");
+        assert!(err.to_string().contains("line 1: unknown columns"), "{err}");
     }
 
     #[test]

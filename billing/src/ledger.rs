@@ -17,7 +17,7 @@ use tidemark_log::topics::decode_usage;
 use tidemark_log::{Consumer, LogError, Record};
 use tidemark_runtime::shutdown::Shutdown;
 
-use crate::store::{CommitClock, Store, StoreError};
+use crate::store::{CommitClock, Committed, Store, StoreError};
 use crate::telemetry::Telemetry;
 
 /// Batches read before a commit is forced, whatever the interval.
@@ -34,6 +34,11 @@ pub enum LedgerError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// What a background commit ends with: the store's answer and the offsets
+/// it recorded.
+type CommitDone = (Result<Committed, StoreError>, Vec<(i32, i64)>);
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = CommitDone> + Send>>;
 
 #[derive(Debug)]
 pub struct Ledger {
@@ -84,20 +89,40 @@ impl Ledger {
     }
 
     /// Reads and commits until `shutdown` fires, then commits what is left.
+    ///
+    /// A commit runs in the background while reading goes on into the next
+    /// one; one commit is in flight at a time, and reading waits for it
+    /// when another [`MAX_UNCOMMITTED`] batches are ready.
     pub async fn run(mut self, commit_interval: Duration, mut shutdown: Shutdown) -> Result<(), LedgerError> {
         let mut ticker = tokio::time::interval(commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight: Option<InFlight> = None;
+        let mut due = false;
         loop {
+            if in_flight.is_none() && (due || self.uncommitted.len() >= MAX_UNCOMMITTED) {
+                due = false;
+                in_flight = self.start_commit();
+            }
+            let full = self.uncommitted.len() >= MAX_UNCOMMITTED;
             tokio::select! {
-                record = self.consumer.recv() => {
-                    self.take(record?).await?;
-                    if self.uncommitted.len() >= MAX_UNCOMMITTED {
-                        self.commit().await?;
+                done = async {
+                    match in_flight.as_mut() {
+                        Some(commit) => commit.await,
+                        None => std::future::pending().await,
                     }
+                } => {
+                    in_flight = None;
+                    self.finish_commit(done).await?;
                 }
-                _ = ticker.tick() => self.commit().await?,
+                record = self.consumer.recv(), if !full => self.take(record?).await?,
+                _ = ticker.tick() => due = true,
                 () = shutdown.wait() => {
-                    self.commit().await?;
+                    if let Some(commit) = in_flight.take() {
+                        self.finish_commit(commit.await).await?;
+                    }
+                    if let Some(commit) = self.start_commit() {
+                        self.finish_commit(commit.await).await?;
+                    }
                     return Ok(());
                 }
             }
@@ -132,21 +157,39 @@ impl Ledger {
         Ok(())
     }
 
-    async fn commit(&mut self) -> Result<(), LedgerError> {
+    /// Hands what was read since the last commit to a background commit.
+    fn start_commit(&mut self) -> Option<InFlight> {
         if self.read_since_commit.is_empty() {
-            return Ok(());
+            return None;
         }
-        let offsets: Vec<(i32, i64)> = self
-            .read_since_commit
-            .iter()
-            .filter_map(|p| self.next.get(p).map(|o| (*p, *o)))
+        let offsets: Vec<(i32, i64)> = std::mem::take(&mut self.read_since_commit)
+            .into_iter()
+            .filter_map(|p| self.next.get(&p).map(|o| (p, *o)))
             .collect();
         let clock = CommitClock {
             now_micros: now_micros(),
             gap_grace_micros: i64::try_from(self.gap_grace.as_micros()).unwrap_or(i64::MAX),
             late_after_micros: i64::try_from(self.late_after.as_micros()).unwrap_or(i64::MAX),
         };
-        let committed = match self.store.commit(&self.topic, &self.uncommitted, &offsets, clock).await {
+        let batches = std::mem::take(&mut self.uncommitted);
+        let store = self.store.clone();
+        let topic = self.topic.clone();
+        let task = tokio::spawn(async move {
+            let committed = store.commit(&topic, &batches, &offsets, clock).await;
+            (committed, offsets)
+        });
+        Some(Box::pin(async move {
+            match task.await {
+                Ok(done) => done,
+                Err(e) => (Err(StoreError::Aborted(e.to_string())), Vec::new()),
+            }
+        }))
+    }
+
+    /// Counts a finished commit and, once the store has the offsets, tells
+    /// the log too.
+    async fn finish_commit(&mut self, (committed, offsets): CommitDone) -> Result<(), LedgerError> {
+        let committed = match committed {
             Ok(c) => c,
             Err(e) => {
                 self.telemetry.commit_errors.inc();
@@ -180,8 +223,6 @@ impl Ledger {
                 "usage batches missing past the grace period declared lost; see GET /v1/gaps"
             );
         }
-        self.uncommitted.clear();
-        self.read_since_commit.clear();
         if let Err(e) = self.consumer.commit(&offsets).await {
             // Harmless: the store's offsets are the ones that count.
             tracing::warn!(error = %e, "cannot commit offsets to the log");

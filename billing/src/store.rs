@@ -33,6 +33,8 @@ pub enum StoreError {
     },
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("a ledger commit stopped before it finished: {0}")]
+    Aborted(String),
 }
 
 /// Schema migrations, applied in order; the store records the last applied.

@@ -200,6 +200,14 @@ impl Invoicing {
         self.draft(tenant, &period).await
     }
 
+    /// The tenants that have an invoice for `period`: those with usage in it
+    /// or a subscription starting before its end, sorted (the tenants
+    /// [`Invoicing::list`] drafts when no tenant is given).
+    pub async fn tenants(&self, period: &Period) -> Result<Vec<String>, InvoiceError> {
+        let mut conn = self.store.pool().acquire().await?;
+        tenants_on(&mut conn, period).await
+    }
+
     /// Finalizes invoice `id` at `now`: builds it from the usage as it is
     /// and stores it with its lines in one transaction. Refused before the
     /// period's end plus the collection wait, and for a finalized invoice.
@@ -286,13 +294,7 @@ impl Invoicing {
             for period in periods.iter().filter(|p| p.start <= now) {
                 let tenants = match &filter.tenant {
                     Some(tenant) => vec![tenant.clone()],
-                    None => {
-                        let mut tenants = db::tenants_with_usage(&mut conn, period.start, period.end).await?;
-                        tenants.extend(db::subscribed_tenants(&mut conn, period.end).await?);
-                        tenants.sort();
-                        tenants.dedup();
-                        tenants
-                    }
+                    None => tenants_on(&mut conn, period).await?,
                 };
                 for tenant in tenants {
                     let id = invoice_id(&tenant, period);
@@ -629,6 +631,16 @@ impl Invoicing {
         }
         Ok(lines)
     }
+}
+
+/// The tenants with an invoice for `period`: usage in it or a subscription
+/// starting before its end, sorted.
+async fn tenants_on(conn: &mut AnyConnection, period: &Period) -> Result<Vec<String>, InvoiceError> {
+    let mut tenants = db::tenants_with_usage(conn, period.start, period.end).await?;
+    tenants.extend(db::subscribed_tenants(conn, period.end).await?);
+    tenants.sort();
+    tenants.dedup();
+    Ok(tenants)
 }
 
 fn already_finalized(stored: &Invoice) -> InvoiceError {

@@ -5,10 +5,13 @@
 //!   in one transaction;
 //! - [`store`] is that database, SQLite or Postgres;
 //! - [`api`] is the HTTP query API and [`grpc`] the gRPC `tidemark.v1.Billing`
-//!   service, both behind the bearer tokens of [`auth`].
+//!   service, both behind the bearer tokens of [`auth`];
+//! - [`gauges`] exports the consumer lag and the open period's revenue per
+//!   tenant, refreshed on an interval.
 
 pub mod api;
 pub mod auth;
+pub mod gauges;
 pub mod grpc;
 pub mod invoice;
 pub mod ledger;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use tidemark_billing::api::ApiState;
+use tidemark_billing::gauges::{GaugeArgs, Gauges, Sources};
 use tidemark_billing::ledger::Ledger;
 use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
@@ -33,6 +34,8 @@ struct Args {
 
     #[command(flatten)]
     billing: BillingArgs,
+    #[command(flatten)]
+    gauges: GaugeArgs,
     #[command(flatten)]
     kafka: KafkaArgs,
     #[command(flatten)]
@@ -64,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let telemetry = Arc::new(Telemetry::register(&mut registry));
+    let gauges = Arc::new(Gauges::register(&mut registry));
     let ledger = Ledger::new(consumer, store.clone(), topic, telemetry, args.billing.gap_grace)
         .await?
         .with_late_after(args.billing.late_after);
@@ -72,6 +76,16 @@ async fn main() -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), shutdown.clone()).await?;
 
+    let gauges_task = gauges.spawn(
+        &args.gauges,
+        Sources {
+            log: log.clone(),
+            store: store.clone(),
+            usage_topic: topic.clone(),
+            invoicing: invoicing.clone(),
+        },
+        shutdown.clone(),
+    );
     let api_state = ApiState { store, auth, invoicing };
     let grpc_task = tokio::spawn(tidemark_billing::grpc::serve(
         grpc_listener,
@@ -85,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("ledger failed")?;
     api_task.await??;
+    gauges_task.await?;
     grpc_task.await?.context("billing gRPC failed")?;
     admin_task.await??;
     tracing::info!("billing stopped");

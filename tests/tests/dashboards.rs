@@ -342,6 +342,10 @@ impl Stack {
                 &brokers,
                 &usage_topic,
                 &format!("--group=billing-{topic}"),
+                // Revenue per tenant needs a plan to price the tenants with.
+                "--default-plan=aws-lambda-x86",
+                "--lag-interval=1s",
+                "--revenue-interval=1s",
             ],
         );
         let upstream = start_upstream().await;

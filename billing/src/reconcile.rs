@@ -229,8 +229,8 @@ pub async fn compare(store: &Store, range: Range, tally: &LogTally) -> Result<Re
             });
         }
     };
-    for (key, &log) in tally.rollups.rows() {
-        difference(key, log, db.get(key).copied().unwrap_or_default());
+    for (key, log) in tally.rollups.rows() {
+        difference(&key, log, db.get(&key).copied().unwrap_or_default());
     }
     for (key, &db) in &db {
         if tally.rollups.get(key).is_none() {
@@ -328,7 +328,8 @@ pub async fn check_invoices(store: &Store, range: Range, tally: &LogTally) -> Re
         .collect();
     // The log's batches per (tenant, meter), by minute.
     let mut log: BTreeMap<(&str, &str), BTreeMap<i64, i64>> = BTreeMap::new();
-    for (key, sums) in tally.rollups.rows() {
+    let rows = tally.rollups.rows();
+    for (key, sums) in &rows {
         *log.entry((&key.tenant, &key.meter))
             .or_default()
             .entry(key.minute)

@@ -13,7 +13,7 @@
 //!   [`Rollups::rejected`], and the ledger logs and counts it.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tidemark_core::UsageBatch;
 use tidemark_core::meter::Meter;
@@ -66,11 +66,54 @@ pub struct RejectedUsage {
     pub reason: CustomUsageError,
 }
 
-/// Rollups of some batches, keyed (and so ordered) by tenant, service,
-/// meter and minute.
+/// Where one tenant's usage in one batch lands: every meter's row of it
+/// shares the tenant, the service and the minute, so a batch's tenant entry
+/// costs one hash lookup, not one per meter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Place<'a> {
+    tenant: Cow<'a, str>,
+    service: Cow<'a, str>,
+    minute: i64,
+}
+
+/// The rows of one place: built-in meters in [`Meter::ALL`]'s order (`None`
+/// where there is no row), custom ones by stored name (never a built-in
+/// name: see [`custom_meter_column`]).
+#[derive(Debug, Clone, Default)]
+struct PlaceSums<'a> {
+    builtin: [Option<Sums>; Meter::ALL.len()],
+    custom: BTreeMap<Cow<'a, str>, Sums>,
+}
+
+impl<'a> PlaceSums<'a> {
+    fn slot(&mut self, meter: Cow<'a, str>) -> &mut Sums {
+        match Meter::ALL.iter().position(|m| m.as_str() == meter) {
+            Some(i) => self.builtin[i].get_or_insert_default(),
+            None => self.custom.entry(meter).or_default(),
+        }
+    }
+
+    fn get(&self, meter: &str) -> Option<Sums> {
+        match Meter::ALL.iter().position(|m| m.as_str() == meter) {
+            Some(i) => self.builtin[i],
+            None => self.custom.get(meter).copied(),
+        }
+    }
+
+    fn rows(&self) -> impl Iterator<Item = (&str, Sums)> {
+        let builtin = Meter::ALL
+            .iter()
+            .zip(&self.builtin)
+            .filter_map(|(m, sums)| sums.map(|s| (m.as_str(), s)));
+        builtin.chain(self.custom.iter().map(|(m, s)| (m.as_ref(), *s)))
+    }
+}
+
+/// Rollups of some batches: one [`Sums`] per tenant, service, meter and
+/// minute.
 #[derive(Debug, Clone, Default)]
 pub struct Rollups<'a> {
-    rows: BTreeMap<RollupKey<'a>, Sums>,
+    places: HashMap<Place<'a>, PlaceSums<'a>>,
     rejected: Vec<RejectedUsage>,
 }
 
@@ -79,22 +122,22 @@ impl<'a> Rollups<'a> {
     pub fn add(&mut self, batch: &'a UsageBatch) {
         let minute = minute_start(batch.window_start_unix_micros);
         for usage in &batch.tenants {
-            let key = |meter: Cow<'a, str>| RollupKey {
+            let place = Place {
                 tenant: Cow::Borrowed(usage.tenant.as_str()),
                 service: Cow::Borrowed(batch.service.as_str()),
-                meter,
                 minute,
             };
-            for meter in Meter::ALL {
+            let sums = self.places.entry(place).or_default();
+            for (meter, slot) in Meter::ALL.iter().zip(&mut sums.builtin) {
                 let quantity = meter.quantity(usage);
-                if quantity == 0 && meter != Meter::Requests {
+                if quantity == 0 && *meter != Meter::Requests {
                     continue;
                 }
-                let sums = self.rows.entry(key(Cow::Borrowed(meter.as_str()))).or_default();
-                sums.quantity = sums
+                let slot = slot.get_or_insert_default();
+                slot.quantity = slot
                     .quantity
                     .saturating_add(i64::try_from(quantity).unwrap_or(i64::MAX));
-                sums.batches += 1;
+                slot.batches += 1;
             }
             if usage.custom.is_empty() {
                 continue;
@@ -109,12 +152,12 @@ impl<'a> Rollups<'a> {
                     if nanos == 0 {
                         return Ok(());
                     }
-                    let sums = self.rows.entry(key(column)).or_default();
-                    sums.quantity = sums
+                    let slot = sums.custom.entry(column).or_default();
+                    slot.quantity = slot
                         .quantity
                         .checked_add(nanos)
                         .ok_or_else(|| CustomUsageError::SumTooLarge(value.clone()))?;
-                    sums.batches += 1;
+                    slot.batches += 1;
                     Ok(())
                 });
                 if let Err(reason) = counted {
@@ -133,26 +176,45 @@ impl<'a> Rollups<'a> {
     }
 
     /// The rows, ordered by tenant, service, meter and minute.
-    pub fn rows(&self) -> impl Iterator<Item = (&RollupKey<'a>, &Sums)> {
-        self.rows.iter()
+    pub fn rows(&self) -> Vec<(RollupKey<'_>, Sums)> {
+        let mut rows: Vec<(RollupKey<'_>, Sums)> = self
+            .places
+            .iter()
+            .flat_map(|(place, sums)| {
+                sums.rows().map(|(meter, s)| {
+                    let key = RollupKey {
+                        tenant: Cow::Borrowed(place.tenant.as_ref()),
+                        service: Cow::Borrowed(place.service.as_ref()),
+                        meter: Cow::Borrowed(meter),
+                        minute: place.minute,
+                    };
+                    (key, s)
+                })
+            })
+            .collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows
     }
 
     /// The row at `key`, if any.
-    pub fn get<'k>(&self, key: &RollupKey<'k>) -> Option<Sums>
-    where
-        'a: 'k,
-    {
-        let rows: &BTreeMap<RollupKey<'k>, Sums> = &self.rows;
-        rows.get(key).copied()
+    pub fn get(&self, key: &RollupKey<'_>) -> Option<Sums> {
+        let place = Place {
+            tenant: Cow::Borrowed(key.tenant.as_ref()),
+            service: Cow::Borrowed(key.service.as_ref()),
+            minute: key.minute,
+        };
+        // The map's keys outlive `place`'s borrow; HashMap::get only compares.
+        let places: &HashMap<Place<'_>, PlaceSums<'_>> = &self.places;
+        places.get(&place)?.get(&key.meter)
     }
 
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.places.values().map(|s| s.rows().count()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.places.is_empty()
     }
 
     /// Custom usage values not counted, in the order met.
@@ -166,11 +228,16 @@ impl Rollups<'static> {
     pub fn add_owned(&mut self, batch: &UsageBatch) {
         let mut one = Rollups::default();
         one.add(batch);
-        self.rejected.extend(one.rejected);
-        for (key, sums) in one.rows {
+        self.rejected.extend(one.rejected.iter().cloned());
+        for (key, sums) in one.rows() {
             let key = key.into_owned();
             let is_custom = crate::quantity::is_custom(&key.meter);
-            let total = self.rows.entry(key.clone()).or_default();
+            let place = Place {
+                tenant: key.tenant.clone(),
+                service: key.service.clone(),
+                minute: key.minute,
+            };
+            let total = self.places.entry(place).or_default().slot(key.meter.clone());
             if !is_custom {
                 total.quantity = total.quantity.saturating_add(sums.quantity);
             } else if let Some(quantity) = total.quantity.checked_add(sums.quantity) {
@@ -276,7 +343,12 @@ mod tests {
         for b in &batches {
             owned.add_owned(b);
         }
-        let rows = |r: &Rollups<'_>| r.rows().map(|(k, s)| (k.clone().into_owned(), *s)).collect::<Vec<_>>();
+        let rows = |r: &Rollups<'_>| {
+            r.rows()
+                .into_iter()
+                .map(|(k, s)| (k.into_owned(), s))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(rows(&owned), rows(&rollups));
     }
 

@@ -16,7 +16,7 @@ use crate::rollup::{RejectedUsage, RollupKey, Rollups, Sums};
 use crate::sessions::{Missing, SessionState, Verdict};
 
 mod upsert;
-use upsert::{Param, upsert};
+use upsert::{Param, Placeholders, upsert};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -246,14 +246,14 @@ fn rollup_params<'a>(key: &'a RollupKey<'_>, time: i64, sums: Sums) -> [Param<'a
 /// Folds rows ordered by tenant, service, meter and minute into hours: the
 /// rows of one hour are consecutive, so one pass does it.
 fn hours<'k, 'a: 'k>(
-    rows: impl Iterator<Item = (&'k RollupKey<'a>, &'k Sums)>,
+    rows: impl Iterator<Item = &'k (RollupKey<'a>, Sums)>,
 ) -> impl Iterator<Item = (&'k RollupKey<'a>, i64, Sums)> {
     let mut rows = rows.peekable();
     std::iter::from_fn(move || {
         let (key, first) = rows.next()?;
         let hour = hour_start(key.minute);
         let mut sums = *first;
-        while let Some((next, more)) = rows.peek() {
+        while let Some((next, more)) = rows.peek().copied() {
             let same = next.tenant == key.tenant && next.service == key.service && next.meter == key.meter;
             if !same || hour_start(next.minute) != hour {
                 break;
@@ -482,6 +482,10 @@ impl Store {
             }
         }
         committed.rejected = rollups.rejected().to_vec();
+        let placeholders = match self.backend {
+            Backend::Sqlite => Placeholders::Positional,
+            Backend::Postgres => Placeholders::Numbered,
+        };
         let mut touched: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         for batch in batches {
             touched.insert(&batch.session_id, (&batch.service, &batch.instance));
@@ -516,6 +520,7 @@ impl Store {
         }
         upsert(
             &mut tx,
+            placeholders,
             "INSERT INTO session_state (session_id, service, instance, next_seq, above, hole_since, lost, last_seen)",
             "ON CONFLICT (session_id) DO UPDATE SET
                service = excluded.service, instance = excluded.instance, next_seq = excluded.next_seq,
@@ -532,11 +537,13 @@ impl Store {
             )
         };
         params.clear();
-        for (key, sums) in rollups.rows() {
+        let rows = rollups.rows();
+        for (key, sums) in &rows {
             params.extend(rollup_params(key, key.minute, *sums));
         }
         upsert(
             &mut tx,
+            placeholders,
             "INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)",
             &add_up("usage_rollup", "tenant, minute, service, meter"),
             6,
@@ -544,11 +551,12 @@ impl Store {
         )
         .await?;
         params.clear();
-        for (key, hour, sums) in hours(rollups.rows()) {
+        for (key, hour, sums) in hours(rows.iter()) {
             params.extend(rollup_params(key, hour, sums));
         }
         upsert(
             &mut tx,
+            placeholders,
             "INSERT INTO usage_rollup_hour (tenant, service, meter, hour, quantity, batches)",
             &add_up("usage_rollup_hour", "tenant, hour, service, meter"),
             6,
@@ -557,7 +565,8 @@ impl Store {
         .await?;
         let stored_minute = minute_start(clock.now_micros);
         params.clear();
-        for (key, sums) in late.rows() {
+        let late_rows = late.rows();
+        for (key, sums) in &late_rows {
             let [tenant, service, meter, minute, quantity, batches] = rollup_params(key, key.minute, *sums);
             params.extend([
                 tenant,
@@ -571,6 +580,7 @@ impl Store {
         }
         upsert(
             &mut tx,
+            placeholders,
             "INSERT INTO late_usage (tenant, service, meter, minute, stored_minute, quantity, batches)",
             &add_up("late_usage", "tenant, minute, service, meter, stored_minute"),
             7,
@@ -583,6 +593,7 @@ impl Store {
         }
         upsert(
             &mut tx,
+            placeholders,
             "INSERT INTO log_offset (topic, part, next_offset)",
             "ON CONFLICT (topic, part) DO UPDATE SET next_offset = excluded.next_offset",
             3,

@@ -36,8 +36,18 @@ pub fn statement_sizes(mut rows: usize) -> impl Iterator<Item = usize> {
     })
 }
 
-/// `($1, $2), ($3, $4)` for `rows` rows of `columns` values.
-fn values(rows: usize, columns: usize) -> String {
+/// How a statement's parameters are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placeholders {
+    /// `$1, $2, …`: Postgres.
+    Numbered,
+    /// `?, ?, …`: SQLite. Its numbered parameters are named ones, and
+    /// binding N of them looks each name up in a list: N² work.
+    Positional,
+}
+
+/// `($1, $2), ($3, $4)` (or `(?, ?), (?, ?)`) for `rows` rows of `columns` values.
+fn values(rows: usize, columns: usize, placeholders: Placeholders) -> String {
     let mut sql = String::with_capacity(rows * columns * 6);
     for row in 0..rows {
         if row > 0 {
@@ -48,8 +58,13 @@ fn values(rows: usize, columns: usize) -> String {
             if column > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&(row * columns + column + 1).to_string());
+            match placeholders {
+                Placeholders::Numbered => {
+                    sql.push('$');
+                    sql.push_str(&(row * columns + column + 1).to_string());
+                }
+                Placeholders::Positional => sql.push('?'),
+            }
         }
         sql.push(')');
     }
@@ -60,6 +75,7 @@ fn values(rows: usize, columns: usize) -> String {
 /// `columns` values per row, row after row.
 pub async fn upsert(
     conn: &mut AnyConnection,
+    placeholders: Placeholders,
     insert: &str,
     on_conflict: &str,
     columns: usize,
@@ -70,7 +86,7 @@ pub async fn upsert(
     for rows in statement_sizes(params.len() / columns) {
         let (now, later) = rest.split_at(rows * columns);
         rest = later;
-        let sql = format!("{insert} VALUES {} {on_conflict}", values(rows, columns));
+        let sql = format!("{insert} VALUES {} {on_conflict}", values(rows, columns, placeholders));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for param in now {
             query = match *param {
@@ -100,7 +116,8 @@ mod tests {
 
     #[test]
     fn values_number_every_parameter_once() {
-        assert_eq!(values(1, 1), "($1)");
-        assert_eq!(values(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values(1, 1, Placeholders::Numbered), "($1)");
+        assert_eq!(values(2, 3, Placeholders::Numbered), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values(2, 2, Placeholders::Positional), "(?, ?), (?, ?)");
     }
 }

@@ -506,3 +506,126 @@ async fn put(api: SocketAddr, path: &str, body: &str) -> (hyper::StatusCode, Str
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// Fills the open period of a fresh database with `heavy` tenants using
+/// every minute of the whole month and `light` tenants using one minute an
+/// hour, `requests` and `billed_duration_us` rows, directly in SQL.
+async fn fill_month(url: &str, postgres: bool, period_start: i64, heavy: usize, light: usize) {
+    use sqlx::Connection;
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let minutes = 31 * 24 * 60;
+    let sql = if postgres {
+        "INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)
+         SELECT $1, 'shop', meter, $2 + i * $3, CASE meter WHEN 'requests' THEN 100 ELSE 25000000 END, 4
+         FROM generate_series(0, $4 - 1) AS i, (VALUES ('requests'), ('billed_duration_us')) AS meters(meter)"
+    } else {
+        "WITH RECURSIVE m(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM m WHERE i < $4 - 1)
+         INSERT INTO usage_rollup (tenant, service, meter, minute, quantity, batches)
+         SELECT $1, 'shop', meter, $2 + i * $3, CASE meter WHEN 'requests' THEN 100 ELSE 25000000 END, 4
+         FROM m, (SELECT 'requests' AS meter UNION ALL SELECT 'billed_duration_us') AS meters"
+    };
+    let minute = tidemark_core::window::MICROS_PER_MINUTE;
+    let tenants = (0..heavy)
+        .map(|i| (format!("heavy-{i:03}"), minute, minutes))
+        .chain((0..light).map(|i| (format!("light-{i:04}"), 60 * minute, minutes / 60)));
+    for (tenant, step, count) in tenants {
+        sqlx::query(sql)
+            .bind(tenant)
+            .bind(period_start)
+            .bind(step)
+            .bind(count)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// Not a check but a measurement, run by hand (see docs/ledger.md,
+/// "Consumer lag and revenue gauges"): how long a revenue refresh takes on
+/// a month of usage, and how long a query of the ledger waits for a
+/// connection meanwhile (SQLite has one). `TIDEMARK_MEASURE_HEAVY` and
+/// `TIDEMARK_MEASURE_LIGHT` set the tenants (20 and 1000);
+/// `TIDEMARK_MEASURE_POSTGRES=1` measures on Postgres instead of SQLite.
+///
+/// `cargo test --release -p tidemark-e2e --test gauges -- --ignored --nocapture measure`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; run it by hand"]
+async fn measure_the_revenue_refresh_on_a_month_of_usage() {
+    let number = |name: &str, default: usize| std::env::var(name).map_or(default, |v| v.parse().unwrap());
+    let heavy = number("TIDEMARK_MEASURE_HEAVY", 20);
+    let light = number("TIDEMARK_MEASURE_LIGHT", 1000);
+    let postgres = std::env::var("TIDEMARK_MEASURE_POSTGRES").is_ok_and(|v| v == "1");
+    let dir = tempfile::tempdir().unwrap();
+    let url = if postgres {
+        fresh_postgres_database().await
+    } else {
+        format!("sqlite:{}?mode=rwc", dir.path().join("billing.db").display())
+    };
+    let store = Store::open(&url).await.unwrap();
+    let invoicing = invoicing(&store, &["--default-plan=aws-lambda-x86"]);
+    let now = now_micros();
+    let period = invoicing.zone.period_at(now).unwrap();
+    let filled = std::time::Instant::now();
+    fill_month(&url, postgres, period.start, heavy, light).await;
+    eprintln!(
+        "{} with {heavy} tenants at every minute of 31 days and {light} at one minute an hour: filled in {:.1?}",
+        if postgres { "Postgres" } else { "SQLite" },
+        filled.elapsed()
+    );
+
+    // What the ledger would wait for a connection, sampled every 10 ms.
+    let (stop, mut stopped) = channel();
+    let probe_store = store.clone();
+    let probe = tokio::spawn(async move {
+        let mut waits = Vec::new();
+        while !stopped.is_fired() {
+            let asked = std::time::Instant::now();
+            probe_store.offsets("probe").await.unwrap();
+            waits.push(asked.elapsed());
+            tokio::select! {
+                () = stopped.wait() => {}
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        waits
+    });
+    let listed = std::time::Instant::now();
+    let tenants = invoicing.tenants(&period).await.unwrap();
+    let listing = listed.elapsed();
+    let mut each = Vec::new();
+    for tenant in &tenants {
+        let started = std::time::Instant::now();
+        invoicing.running_cost(tenant, now).await.unwrap();
+        each.push(started.elapsed());
+    }
+    let registry_gauges = Gauges::register(&mut Registry::default());
+    let refreshed = std::time::Instant::now();
+    let revenue = registry_gauges.refresh_revenue(&invoicing, 20, now).await.unwrap();
+    let refresh = refreshed.elapsed();
+    stop.fire();
+    let mut waits = probe.await.unwrap();
+    assert_eq!(revenue.priced, heavy + light);
+    let slowest = |kind: &str| {
+        tenants
+            .iter()
+            .zip(&each)
+            .filter(|(t, _)| t.starts_with(kind))
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default()
+    };
+    let (slowest_heavy, slowest_light) = (slowest("heavy"), slowest("light"));
+    each.sort();
+    waits.sort();
+    let at = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "list tenants {listing:.1?}; running cost per tenant p50 {:.1?}, slowest heavy {slowest_heavy:.1?}, \
+         slowest light {slowest_light:.1?}; whole refresh {refresh:.1?}; a query meanwhile waited p50 {:.1?} \
+         p99 {:.1?} max {:.1?} ({} samples)",
+        at(&each, 0.5),
+        at(&waits, 0.5),
+        at(&waits, 0.99),
+        at(&waits, 1.0),
+        waits.len()
+    );
+}

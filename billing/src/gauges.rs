@@ -339,7 +339,8 @@ impl Gauges {
 
     /// Refreshes the lag every `lag_interval` and the revenue
     /// `revenue_interval` after the previous computation ended, from the
-    /// start until `shutdown`; an interval of 0 leaves its gauge out.
+    /// start until `shutdown` (which also stops a refresh halfway); an
+    /// interval of 0 leaves its gauge out.
     pub fn spawn(
         self: Arc<Self>,
         args: &GaugeArgs,
@@ -355,11 +356,13 @@ impl Gauges {
                 let mut failing = Failing::new("consumer lag");
                 let mut shutdown = shutdown.clone();
                 loop {
-                    failing.note(
-                        self.refresh_lag(&sources.log, &sources.store, &sources.usage_topic)
-                            .await
-                            .map(drop),
-                    );
+                    // A refresh only reads: stopping it halfway is safe.
+                    tokio::select! {
+                        () = shutdown.wait() => return,
+                        refreshed = self.refresh_lag(&sources.log, &sources.store, &sources.usage_topic) => {
+                            failing.note(refreshed.map(drop));
+                        }
+                    }
                     tokio::select! {
                         () = shutdown.wait() => return,
                         () = tokio::time::sleep(args.lag_interval) => {}
@@ -374,7 +377,10 @@ impl Gauges {
                 let mut failing = Failing::new("revenue");
                 let mut shutdown = shutdown.clone();
                 loop {
-                    let refreshed = self.refresh_revenue(&sources.invoicing, top, now_micros()).await;
+                    let refreshed = tokio::select! {
+                        () = shutdown.wait() => return,
+                        refreshed = self.refresh_revenue(&sources.invoicing, top, now_micros()) => refreshed,
+                    };
                     if let Ok(r) = &refreshed {
                         tracing::debug!(
                             tenants = r.priced,

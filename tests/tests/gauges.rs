@@ -8,6 +8,8 @@
 //! - `tidemark_billing_open_period_revenue` equals the total that `GET
 //!   /v1/tenants/{id}/cost` answers for each top tenant, and the
 //!   `tenant="(other)"` series the sum of the rest, per currency.
+//! - `Gauges::spawn`, as `tidemark-billing` runs it, keeps both current and
+//!   stops with the shutdown.
 //!
 //! The values are read from the exporter's `/metrics` text.
 
@@ -25,7 +27,7 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use tidemark_billing::api::ApiState;
 use tidemark_billing::auth::Auth;
-use tidemark_billing::gauges::{Gauges, OTHER_TENANTS, PartitionLag};
+use tidemark_billing::gauges::{GaugeArgs, Gauges, OTHER_TENANTS, PartitionLag, Sources};
 use tidemark_billing::ledger::Ledger;
 use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
@@ -307,6 +309,69 @@ async fn lag_equals_the_backlog_on_kafka_and_postgres() {
     .unwrap();
     let store = Store::open(&fresh_postgres_database().await).await.unwrap();
     lag_follows_the_backlog(log, store).await;
+}
+
+/// `Gauges::spawn` (what `tidemark-billing` runs) fills both gauges from the
+/// start, keeps them current, and stops with the shutdown.
+#[tokio::test(flavor = "multi_thread")]
+async fn spawned_refreshes_keep_the_gauges_current_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(LogConfig::Embedded(EmbeddedConfig {
+        dir: dir.path().join("log"),
+    }))
+    .await
+    .unwrap();
+    let topic = unique_topic();
+    let spec = TopicSpec {
+        partitions: PARTITIONS,
+        compacted: false,
+    };
+    log.ensure_topic(&topic, spec).await.unwrap();
+    let store = open_sqlite(dir.path()).await;
+    let invoicing = invoicing(&store, &["--default-plan=aws-lambda-x86"]);
+    let exporter = Exporter::start().await;
+    let (stop, shutdown) = channel();
+    let args = GaugeArgs {
+        lag_interval: Duration::from_millis(50),
+        revenue_interval: Duration::from_millis(50),
+        revenue_top_tenants: 20,
+    };
+    let sources = Sources {
+        log: log.clone(),
+        store: store.clone(),
+        usage_topic: topic.clone(),
+        invoicing,
+    };
+    let task = Arc::clone(&exporter.gauges).spawn(&args, sources, shutdown);
+
+    let landed = append(&log, &topic, &mut Batches::new(), 6, &[("acme", 5)]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while exporter.lag().await != all_partitions(&landed) {
+        assert!(tokio::time::Instant::now() < deadline, "lag never showed the backlog");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once a ledger counts the usage, acme shows up (within the free tier: 0).
+    let (stop_ledger, ledger) = start_ledger(&log, &store, &topic, "billing").await;
+    loop {
+        let revenue = exporter.samples("tidemark_billing_open_period_revenue").await;
+        let lag = exporter.lag().await;
+        if revenue.get("tenant=\"acme\",currency=\"USD\"") == Some(&0.0) && lag.values().all(|l| *l == 0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gauges never caught up: {revenue:?} {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_ledger.fire();
+    ledger.await.unwrap();
+
+    stop.fire();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the refreshes stop with the shutdown")
+        .unwrap();
 }
 
 /// A plan charging every request, so that amounts differ by tenant.

@@ -134,7 +134,9 @@ const MIGRATIONS: &[&[&str]] = &[
         )",
     ],
     // Hourly rollups next to the minute ones, written in the same
-    // transaction, so that hour and day queries read 60x fewer rows.
+    // transaction: per service, and per tenant over all its services (what
+    // a usage query without group_by=service reads), so that hour and day
+    // windows read 60x (and more) fewer rows. Clustered by key on SQLite.
     &[
         "CREATE TABLE usage_rollup_hour (
             tenant TEXT NOT NULL,
@@ -144,10 +146,20 @@ const MIGRATIONS: &[&[&str]] = &[
             quantity BIGINT NOT NULL,
             batches BIGINT NOT NULL,
             PRIMARY KEY (tenant, hour, service, meter)
-        )",
+        ) /*WITHOUT ROWID*/",
         "INSERT INTO usage_rollup_hour (tenant, service, meter, hour, quantity, batches)
          SELECT tenant, service, meter, (minute / 3600000000) * 3600000000, SUM(quantity), SUM(batches)
          FROM usage_rollup GROUP BY tenant, service, meter, (minute / 3600000000) * 3600000000",
+        "CREATE TABLE usage_total_hour (
+            tenant TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            hour BIGINT NOT NULL,
+            quantity BIGINT NOT NULL,
+            batches BIGINT NOT NULL,
+            PRIMARY KEY (tenant, hour, meter)
+        ) /*WITHOUT ROWID*/",
+        "INSERT INTO usage_total_hour (tenant, meter, hour, quantity, batches)
+         SELECT tenant, meter, hour, SUM(quantity), SUM(batches) FROM usage_rollup_hour GROUP BY tenant, meter, hour",
     ],
 ];
 
@@ -405,6 +417,12 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get(0)?;
+        // SQLite keeps the rows of a `WITHOUT ROWID` table in key order,
+        // so a range of keys is read in one sequential pass.
+        let without_rowid = match self.backend {
+            Backend::Sqlite => "WITHOUT ROWID",
+            Backend::Postgres => "",
+        };
         for (i, statements) in MIGRATIONS.iter().enumerate() {
             let version = i as i64 + 1;
             if version <= current {
@@ -413,7 +431,8 @@ impl Store {
             let fail = |source| StoreError::Migrate { version, source };
             let mut tx = self.pool.begin().await.map_err(fail)?;
             for statement in *statements {
-                tx.execute(*statement).await.map_err(fail)?;
+                let statement = statement.replace("/*WITHOUT ROWID*/", without_rowid);
+                tx.execute(sqlx::AssertSqlSafe(statement)).await.map_err(fail)?;
             }
             sqlx::query("INSERT INTO tidemark_schema (version) VALUES ($1)")
                 .bind(version)
@@ -563,6 +582,31 @@ impl Store {
             &params,
         )
         .await?;
+        params.clear();
+        let mut totals: BTreeMap<(&str, i64, &str), Sums> = BTreeMap::new();
+        for (key, hour, sums) in hours(rows.iter()) {
+            let total = totals.entry((&key.tenant, hour, &key.meter)).or_default();
+            total.quantity = total.quantity.saturating_add(sums.quantity);
+            total.batches += sums.batches;
+        }
+        for ((tenant, hour, meter), sums) in &totals {
+            params.extend([
+                Param::Text(tenant),
+                Param::Text(meter),
+                Param::Int(*hour),
+                Param::Int(sums.quantity),
+                Param::Int(sums.batches),
+            ]);
+        }
+        upsert(
+            &mut tx,
+            placeholders,
+            "INSERT INTO usage_total_hour (tenant, meter, hour, quantity, batches)",
+            &add_up("usage_total_hour", "tenant, hour, meter"),
+            5,
+            &params,
+        )
+        .await?;
         let stored_minute = minute_start(clock.now_micros);
         params.clear();
         let late_rows = late.rows();
@@ -638,8 +682,11 @@ impl Store {
     /// Rolled-up usage per window (and service, if asked), oldest first.
     ///
     /// Windows of whole hours read the whole hours of the range from the
-    /// hourly rollups and only its partial hours at either end from the
-    /// minute rollups; shorter windows read minutes.
+    /// hourly rollups (per tenant, or per service when grouped or filtered
+    /// by service) and only its partial hours at either end from the
+    /// minute rollups; shorter windows read minutes. The rows are summed
+    /// into windows here rather than by SQL's `GROUP BY`, which costs a
+    /// sort per query.
     pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
         let window = q.window_micros.max(1);
         let (hours_from, hours_to) = if window % MICROS_PER_HOUR == 0 {
@@ -647,47 +694,65 @@ impl Store {
         } else {
             (q.to, q.to)
         };
-        let service = if q.by_service { "service" } else { "''" };
-        let filters = "tenant = $1 AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)";
+        let hourly = if q.by_service || q.service.is_some() {
+            "SELECT hour AS t, service, meter, quantity, batches FROM usage_rollup_hour
+             WHERE tenant = $1 AND hour >= $6 AND hour < $7 AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)"
+        } else {
+            "SELECT hour AS t, '' AS service, meter, quantity, batches FROM usage_total_hour
+             WHERE tenant = $1 AND hour >= $6 AND hour < $7 AND ($5 = '' OR meter = $5)"
+        };
+        let minutes = |from: &str, to: &str| {
+            format!(
+                "SELECT minute, service, meter, quantity, batches FROM usage_rollup
+                 WHERE tenant = $1 AND minute >= {from} AND minute < {to}
+                   AND ($4 = '' OR service = $4) AND ($5 = '' OR meter = $5)"
+            )
+        };
+        // All rows as one JSON array in one row: sqlx's SQLite driver hands
+        // each row over from its worker thread on its own (a thread wake-up,
+        // some microseconds, per row), which for a few thousand rows costs
+        // more than the query.
+        let packed = match self.backend {
+            Backend::Sqlite => "json_group_array(json_array(t, service, meter, quantity, batches))",
+            Backend::Postgres => "json_agg(json_build_array(t, service, meter, quantity, batches))::text",
+        };
         let sql = format!(
-            "SELECT (t / $6) * $6 AS window_start, {service} AS service, meter,
-                    CAST(SUM(quantity) AS BIGINT), CAST(SUM(batches) AS BIGINT)
-             FROM (
-                 SELECT hour AS t, service, meter, quantity, batches FROM usage_rollup_hour
-                 WHERE {filters} AND hour >= $7 AND hour < $8
-                 UNION ALL
-                 SELECT minute AS t, service, meter, quantity, batches FROM usage_rollup
-                 WHERE {filters} AND minute >= $2 AND minute < $7
-                 UNION ALL
-                 SELECT minute AS t, service, meter, quantity, batches FROM usage_rollup
-                 WHERE {filters} AND minute >= $8 AND minute < $3
-             ) AS rows
-             GROUP BY 1, 2, 3
-             ORDER BY 1, 2, 3"
+            "SELECT COALESCE({packed}, '[]') FROM ({hourly} UNION ALL {} UNION ALL {}) AS rows",
+            minutes("$2", "$6"),
+            minutes("$7", "$3")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let packed: String = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&q.tenant)
             .bind(q.from)
             .bind(q.to)
             .bind(q.service.as_deref().unwrap_or(""))
             .bind(q.meter.as_deref().unwrap_or(""))
-            .bind(window)
             .bind(hours_from)
             .bind(hours_to)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRow {
-                    window_start: r.try_get(0)?,
-                    service: q.by_service.then(|| r.try_get(1)).transpose()?,
-                    meter: r.try_get(2)?,
-                    quantity: r.try_get(3)?,
-                    batches: r.try_get(4)?,
-                })
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        let rows: Vec<(i64, String, String, i64, i64)> = serde_json::from_str(&packed)
+            .map_err(|e| sqlx::Error::Decode(format!("usage rows packed as JSON: {e}").into()))?;
+        let mut windows: BTreeMap<(i64, String, String), Sums> = BTreeMap::new();
+        for (time, service, meter, quantity, batches) in rows {
+            let service = if q.by_service { service } else { String::new() };
+            let sums = windows
+                .entry((time.div_euclid(window) * window, service, meter))
+                .or_default();
+            sums.quantity = sums.quantity.saturating_add(quantity);
+            sums.batches = sums.batches.saturating_add(batches);
+        }
+        Ok(windows
+            .into_iter()
+            .map(|((window_start, service, meter), sums)| UsageRow {
+                window_start,
+                service: q.by_service.then_some(service),
+                meter,
+                quantity: sums.quantity,
+                batches: sums.batches,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect())
     }
 
     /// The tenant's late usage (`service` and `meter` filters apply) whose
@@ -1049,10 +1114,25 @@ mod tests {
         ]
         .map(|(hour, service, q, b)| (hour, service.to_owned(), q, b));
         assert_eq!(written, expected);
+        let totals = |store: Store| async move {
+            sqlx::query("SELECT hour, quantity, batches FROM usage_total_hour ORDER BY hour")
+                .fetch_all(store.pool())
+                .await
+                .expect("total rows")
+                .iter()
+                .map(|r| {
+                    let row: (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                    row
+                })
+                .collect::<Vec<_>>()
+        };
+        let expected_totals = [(0, 4 + 2, 3), (h, 5 + 10, 3), (2 * h, 16 + 8, 3)];
+        assert_eq!(totals(store.clone()).await, expected_totals);
 
         // A store from before hourly rollups gets them from its minutes.
         let conn = store.pool();
         conn.execute("DROP TABLE usage_rollup_hour").await.expect("drop");
+        conn.execute("DROP TABLE usage_total_hour").await.expect("drop");
         conn.execute("DELETE FROM tidemark_schema WHERE version = 5")
             .await
             .expect("unmigrate");
@@ -1060,7 +1140,8 @@ mod tests {
         let store = Store::open(&format!("sqlite:{}", dir.path().join("b.db").display()))
             .await
             .expect("reopen");
-        assert_eq!(hourly(store).await, expected);
+        assert_eq!(hourly(store.clone()).await, expected);
+        assert_eq!(totals(store).await, expected_totals);
     }
 
     #[test]

@@ -90,14 +90,14 @@ struct Args {
     #[arg(long, default_value_t = 10_000_000)]
     query_records: u64,
     /// Stop filling the query store after this long (what was reached is reported).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "240s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "600s")]
     fill_budget: Duration,
     /// Tenants in the query store (every batch carries `--tenants` of them).
     #[arg(long, default_value_t = 20)]
     query_tenant_pool: usize,
     #[arg(long, default_value_t = 200)]
     queries: usize,
-    /// Also fill and query a Postgres store (slow to fill: one statement per row).
+    /// Also fill and query a Postgres store (slower to fill than SQLite).
     #[arg(long)]
     query_postgres: bool,
 
@@ -688,7 +688,7 @@ async fn query(args: &Args) -> anyhow::Result<String> {
     out += &notes;
     let _ = writeln!(
         out,
-        "\n| store | records committed | rollup rows | rows for the tenant | response | p50 | p99 | max |"
+        "\n| store | records committed | rollup rows (minute) | the tenant's minute / hourly rows | response | p50 | p99 | max |"
     );
     let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|");
     for r in rows {
@@ -745,7 +745,7 @@ async fn query_one(args: &Args, backend: Backend) -> anyhow::Result<(String, Str
     let fill_secs = began.elapsed().as_secs_f64();
     let records = committed_batches * args.tenants as u64;
     let tenant = "tenant-0000";
-    let (all_rows, tenant_rows) = row_counts(&url, tenant).await.unwrap_or((-1, -1));
+    let (all_rows, tenant_rows, tenant_hours) = row_counts(&url, tenant).await.unwrap_or((-1, -1, -1));
     drop(store);
     let note = format!(
         "- {}: {} batches × {} tenants = {} records committed through `Store::commit` (10,000 batches per \
@@ -804,11 +804,12 @@ async fn query_one(args: &Args, backend: Backend) -> anyhow::Result<(String, Str
     }
     proc.stop();
     let row = format!(
-        "| {} | {} | {} | {} | {} KiB | {:.1} ms | {:.1} ms | {:.1} ms |",
+        "| {} | {} | {} | {} / {} | {} KiB | {:.1} ms | {:.1} ms | {:.1} ms |",
         backend.name(),
         thousands(records as f64),
         thousands(all_rows as f64),
         thousands(tenant_rows as f64),
+        thousands(tenant_hours as f64),
         size / 1024,
         ms_at(&h, 0.5),
         ms_at(&h, 0.99),
@@ -822,7 +823,8 @@ async fn query_one(args: &Args, backend: Backend) -> anyhow::Result<(String, Str
     Ok((row, note))
 }
 
-async fn row_counts(url: &str, tenant: &str) -> anyhow::Result<(i64, i64)> {
+/// Minute rows in all, and the tenant's minute and hourly rows.
+async fn row_counts(url: &str, tenant: &str) -> anyhow::Result<(i64, i64, i64)> {
     use sqlx::Row;
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(url).await?;
@@ -835,7 +837,12 @@ async fn row_counts(url: &str, tenant: &str) -> anyhow::Result<(i64, i64)> {
         .fetch_one(&pool)
         .await?
         .try_get(0)?;
-    Ok((all, one))
+    let hours: i64 = sqlx::query("SELECT COUNT(*) FROM usage_rollup_hour WHERE tenant = $1")
+        .bind(tenant)
+        .fetch_one(&pool)
+        .await?
+        .try_get(0)?;
+    Ok((all, one, hours))
 }
 
 fn rfc3339(micros: i64) -> String {

@@ -18,6 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use prometheus_client::registry::Registry;
 use tidemark_billing::api::ApiState;
+use tidemark_billing::gauges::{GaugeArgs, Gauges, Sources};
 use tidemark_billing::invoice::model::Status;
 use tidemark_billing::invoice::{Invoicing, ListFilter};
 use tidemark_billing::ledger::Ledger;
@@ -93,6 +94,8 @@ pub struct DevArgs {
     #[command(flatten)]
     pub billing: BillingArgs,
     #[command(flatten)]
+    pub gauges: GaugeArgs,
+    #[command(flatten)]
     pub admin: AdminArgs,
 }
 
@@ -143,6 +146,7 @@ pub async fn run(mut args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     )
     .await?;
     let telemetry = Arc::new(Telemetry::register(&mut registry));
+    let gauges = Arc::new(Gauges::register(&mut registry));
     let consumer = log.consumer(USAGE_TOPIC, DEFAULT_GROUP).await?;
     let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace)
         .await?
@@ -154,6 +158,16 @@ pub async fn run(mut args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let grpc_listener = bind(args.billing.grpc_listen, "billing gRPC").await?;
     let readiness = Readiness::default();
     let admin_task = admin::spawn(args.admin.admin_listen, registry, readiness.clone(), core.clone()).await?;
+    let gauges_task = gauges.spawn(
+        &args.gauges,
+        Sources {
+            log: log.clone(),
+            store: store.clone(),
+            usage_topic: USAGE_TOPIC.to_owned(),
+            invoicing: invoicing.clone(),
+        },
+        core.clone(),
+    );
     let board = collector.board();
     let live = collector.live();
     let ingest_task = tokio::spawn(collector.serve(ingest_listener, None, core.clone()));
@@ -195,6 +209,7 @@ pub async fn run(mut args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("ledger failed")?;
     view_task.await?;
+    gauges_task.await?;
     stopping.await??.context("entry port failed")?;
     ingest_task.await?.context("collector failed")?;
     api_task.await?.context("billing HTTP API failed")?;

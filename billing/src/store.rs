@@ -734,25 +734,29 @@ impl Store {
             .try_get(0)?;
         let rows: Vec<(i64, String, String, i64, i64)> = serde_json::from_str(&packed)
             .map_err(|e| sqlx::Error::Decode(format!("usage rows packed as JSON: {e}").into()))?;
-        let mut windows: BTreeMap<(i64, String, String), Sums> = BTreeMap::new();
-        for (time, service, meter, quantity, batches) in rows {
-            let service = if q.by_service { service } else { String::new() };
-            let sums = windows
-                .entry((time.div_euclid(window) * window, service, meter))
-                .or_default();
-            sums.quantity = sums.quantity.saturating_add(quantity);
-            sums.batches = sums.batches.saturating_add(batches);
-        }
-        Ok(windows
+        // Into windows: sort (the hourly rows come in key order, which the
+        // sort finds in one pass) and add up neighbours with the same key.
+        let mut rows: Vec<UsageRow> = rows
             .into_iter()
-            .map(|((window_start, service, meter), sums)| UsageRow {
-                window_start,
+            .map(|(time, service, meter, quantity, batches)| UsageRow {
+                window_start: time.div_euclid(window) * window,
                 service: q.by_service.then_some(service),
                 meter,
-                quantity: sums.quantity,
-                batches: sums.batches,
+                quantity,
+                batches,
             })
-            .collect())
+            .collect();
+        rows.sort_by(|a, b| (a.window_start, &a.service, &a.meter).cmp(&(b.window_start, &b.service, &b.meter)));
+        rows.dedup_by(|later, kept| {
+            let same =
+                (later.window_start, &later.service, &later.meter) == (kept.window_start, &kept.service, &kept.meter);
+            if same {
+                kept.quantity = kept.quantity.saturating_add(later.quantity);
+                kept.batches = kept.batches.saturating_add(later.batches);
+            }
+            same
+        });
+        Ok(rows)
     }
 
     /// The tenant's late usage (`service` and `meter` filters apply) whose

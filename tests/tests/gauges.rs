@@ -468,18 +468,7 @@ async fn revenue_equals_the_cost_api_for_top_tenants_and_the_rest_sums_up() {
     append(&log, &topic, &mut batches, 2, &usage).await;
     let (stop_ledger, ledger) = start_ledger(&log, &store, &topic, "billing").await;
     let exporter = Exporter::start().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while exporter
-        .gauges
-        .refresh_lag(&log, &store, &topic)
-        .await
-        .unwrap()
-        .iter()
-        .any(|l| l.records != 0)
-    {
-        assert!(tokio::time::Instant::now() < deadline, "the ledger never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    caught_up(&exporter, &log, &store, &topic).await;
 
     let revenue = exporter
         .gauges
@@ -519,18 +508,7 @@ async fn revenue_equals_the_cost_api_for_top_tenants_and_the_rest_sums_up() {
 
     // More usage moves the gauge by what the cost API moves by.
     append(&log, &topic, &mut batches, 1, &[("stark", 1000)]).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while exporter
-        .gauges
-        .refresh_lag(&log, &store, &topic)
-        .await
-        .unwrap()
-        .iter()
-        .any(|l| l.records != 0)
-    {
-        assert!(tokio::time::Instant::now() < deadline, "the ledger never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    caught_up(&exporter, &log, &store, &topic).await;
     exporter
         .gauges
         .refresh_revenue(&invoicing, 2, now_micros())
@@ -557,6 +535,22 @@ async fn revenue_equals_the_cost_api_for_top_tenants_and_the_rest_sums_up() {
 }
 
 /// PUTs a JSON body; returns the status and the answer.
+/// Waits (up to a minute) until the exported lag of every partition is 0.
+async fn caught_up(exporter: &Exporter, log: &Log, store: &Store, topic: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while exporter
+        .gauges
+        .refresh_lag(log, store, topic)
+        .await
+        .unwrap()
+        .iter()
+        .any(|l| l.records != 0)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the ledger never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn put(api: SocketAddr, path: &str, body: &str) -> (hyper::StatusCode, String) {
     use http_body_util::BodyExt;
     use hyper_util::client::legacy::Client;

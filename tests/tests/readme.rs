@@ -5,14 +5,16 @@
 //!
 //! What differs from a reader's terminal, and only that: the environment has
 //! no `TIDEMARK_*` settings but `TIDEMARK_DATA_DIR`, a temporary directory, so
-//! the repository's `.tidemark/` is left alone; each command's output goes
-//! to a file; and Ctrl-C is a SIGINT to `scripts/dev`'s process group.
+//! the repository's `.tidemark/` is left alone, and `TIDEMARK_DEV_NO_BUILD`,
+//! so `scripts/dev` runs the release binaries `scripts/test` has just built
+//! (run from inside `cargo test`, its own `cargo build` rebuilt some of them
+//! again, minutes of CI); each command's output goes to a file; and Ctrl-C
+//! is a SIGINT to `scripts/dev`'s process group.
 //!
 //! The commands use the fixed default ports (7400, 7401, 7410, 7412, 8000,
 //! 3000, 8080, 9090), so this is the only test that runs them, and the only
 //! test in this file; it fails at once, naming the port, if one is taken.
-//! `scripts/dev` builds the release binaries the README's commands run
-//! (`scripts/test` builds them beforehand, so that build finds nothing to do).
+//! `scripts/test` builds the release binaries the README's commands run.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -322,7 +324,12 @@ async fn the_readme_quickstart_runs_as_written() {
     let data = dir.path().join("data");
 
     // First terminal: scripts/dev, until it runs an instance of the demo app.
-    let mut dev = Group::bash("scripts-dev", &start[0], dir.path(), &[("TIDEMARK_DATA_DIR", &data)]);
+    let mut dev = Group::bash(
+        "scripts-dev",
+        &start[0],
+        dir.path(),
+        &[("TIDEMARK_DATA_DIR", &data), ("TIDEMARK_DEV_NO_BUILD", Path::new("1"))],
+    );
     dev.wait_for_log("tidemark dev is running", DEV_START);
     dev.wait_for_log("local orchestrator: instance ready", Duration::from_secs(60));
 

@@ -570,7 +570,8 @@ impl Store {
         )
         .await?;
         params.clear();
-        for (key, hour, sums) in hours(rows.iter()) {
+        let hourly: Vec<_> = hours(rows.iter()).collect();
+        for &(key, hour, sums) in &hourly {
             params.extend(rollup_params(key, hour, sums));
         }
         upsert(
@@ -584,7 +585,7 @@ impl Store {
         .await?;
         params.clear();
         let mut totals: BTreeMap<(&str, i64, &str), Sums> = BTreeMap::new();
-        for (key, hour, sums) in hours(rows.iter()) {
+        for &(key, hour, sums) in &hourly {
             let total = totals.entry((&key.tenant, hour, &key.meter)).or_default();
             total.quantity = total.quantity.saturating_add(sums.quantity);
             total.batches += sums.batches;

@@ -53,6 +53,12 @@ pub struct BillingArgs {
     #[arg(long, env = "TIDEMARK_COMMIT_INTERVAL", value_parser = duration, default_value = "1s")]
     pub commit_interval: Duration,
 
+    /// Transactions a ledger commit is split into by partition, run at once on their own
+    /// connections (Postgres; SQLite commits in one).
+    #[arg(long, env = "TIDEMARK_PARALLEL_COMMITS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel_commits: u16,
+
     /// A batch committed longer than this after its window ended is late:
     /// also kept in late usage with the minute it was stored.
     #[arg(long, env = "TIDEMARK_LATE_AFTER", value_parser = duration, default_value = "5m")]

@@ -70,7 +70,8 @@ async fn main() -> anyhow::Result<()> {
     let gauges = Arc::new(Gauges::register(&mut registry));
     let ledger = Ledger::new(consumer, store.clone(), topic, telemetry, args.billing.gap_grace)
         .await?
-        .with_late_after(args.billing.late_after);
+        .with_late_after(args.billing.late_after)
+        .with_parallel_commits(usize::from(args.billing.parallel_commits));
     let api_listener = tidemark_runtime::listen::bind(args.billing.api_listen, "billing HTTP API").await?;
     let grpc_listener = tidemark_runtime::listen::bind(args.billing.grpc_listen, "billing gRPC").await?;
     let readiness = Readiness::default();

@@ -150,7 +150,8 @@ pub async fn run(mut args: DevArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let consumer = log.consumer(USAGE_TOPIC, DEFAULT_GROUP).await?;
     let ledger = Ledger::new(consumer, store.clone(), USAGE_TOPIC, telemetry, args.billing.gap_grace)
         .await?
-        .with_late_after(args.billing.late_after);
+        .with_late_after(args.billing.late_after)
+        .with_parallel_commits(usize::from(args.billing.parallel_commits));
 
     let ingest_listener = bind(args.ingest_listen, "ingest gRPC").await?;
     let ingest_addr = ingest_listener.local_addr()?;

@@ -101,6 +101,11 @@ struct Args {
     #[arg(long)]
     query_postgres: bool,
 
+    /// An extra flag for every billing process, as `--billing-arg=--parallel-commits=3`
+    /// (repeatable); the runs use billing's defaults otherwise.
+    #[arg(long, allow_hyphen_values = true)]
+    billing_arg: Vec<String>,
+
     /// Phases to skip: throughput, lag, query.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
@@ -144,7 +149,17 @@ async fn run(args: Args) -> anyhow::Result<String> {
         properties: vec![],
     }))
     .await?;
+    if let Some(admin) = &args.postgres_url {
+        drop_earlier_databases(admin).await?;
+    }
     let mut out = String::new();
+    if !args.billing_arg.is_empty() {
+        let _ = writeln!(
+            out,
+            "Every billing process ran with `{}`.\n",
+            args.billing_arg.join(" ")
+        );
+    }
     if !args.skip.iter().any(|s| s == "throughput") {
         out += &throughput(&args, &log).await?;
     }
@@ -254,7 +269,8 @@ async fn throughput(args: &Args, log: &Log) -> anyhow::Result<String> {
          {fill_secs:.1} s ({} batches/s). Billing starts after the fill and reads the topic from the start; the \
          time runs from the billing process start to `tidemark_billing_batches_counted_total` = {} (polled every \
          100 ms); \"steady\" is from its first commit to its last. Default `--commit-interval 1s`; a commit is \
-         forced every 10,000 batches.\n",
+         forced every 10,000 batches; on Postgres a commit is split into 2 transactions written at once \
+         (`--parallel-commits 2`), so the commits column counts transactions.\n",
         thousands(args.batches as f64),
         args.tenants,
         thousands(records as f64),
@@ -280,6 +296,25 @@ async fn throughput(args: &Args, log: &Log) -> anyhow::Result<String> {
     }
     let _ = writeln!(out, "\n{notes}");
     Ok(out)
+}
+
+/// Drops the databases earlier runs left on the benchmark's Postgres
+/// server (each run keeps its own until the next, to look into).
+async fn drop_earlier_databases(admin: &str) -> anyhow::Result<()> {
+    use sqlx::{Connection, Row};
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .with_context(|| format!("cannot reach Postgres at {admin}"))?;
+    let names = sqlx::query("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_billing\\_%'")
+        .fetch_all(&mut conn)
+        .await?;
+    for row in names {
+        let name: String = row.try_get(0)?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// A fresh database for `backend`: a new SQLite file, or a new Postgres database.
@@ -322,6 +357,7 @@ fn start_billing(args: &Args, name: &str, url: &str, topic: &str, group: &str) -
     ]
     .iter()
     .map(|s| (*s).to_owned())
+    .chain(args.billing_arg.iter().cloned())
     .collect();
     Proc::start(name, &bin, &argv, Some(&args.work_dir))
 }

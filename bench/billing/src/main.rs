@@ -13,9 +13,6 @@
 //!
 //! Prints a markdown report on stdout and progress on stderr.
 
-mod procs;
-mod stats;
-
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -30,14 +27,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tidemark_bench_support::procs::{CpuMeter, Proc, clock_ticks, unique_name};
+use tidemark_bench_support::stats::{histogram, ms_at, record, thousands};
 use tidemark_billing::store::{CommitClock, Store};
 use tidemark_core::{TenantUsage, UsageBatch};
 use tidemark_log::kafka::KafkaConfig;
 use tidemark_log::topics::{USAGE_TOPIC_SPEC, encode_usage};
 use tidemark_log::{Log, LogConfig};
-
-use crate::procs::{CpuMeter, Proc, clock_ticks, unique_name};
-use crate::stats::{histogram, ms_at, record, thousands};
 
 const MICROS_PER_MINUTE: i64 = 60_000_000;
 const DAY_MICROS: i64 = 24 * 60 * MICROS_PER_MINUTE;
@@ -437,7 +433,9 @@ async fn billing_throughput(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (per, machine) = cpu.read();
+    // Cores the hypervisor stole count as busy in this report's machine column.
+    let (per, busy, steal) = cpu.read();
+    let machine = busy + steal;
     let metrics = get(&client, &format!("http://{admin}/metrics")).await.map(|(_, b)| b);
     let commits = metrics
         .as_ref()
@@ -665,7 +663,7 @@ async fn lag_one(args: &Args, log: &Log, backend: Backend) -> anyhow::Result<Str
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (per, _) = cpu.read();
+    let (per, _, _) = cpu.read();
     stop.notify_one();
     poller.await?;
     proc.stop();

@@ -30,12 +30,11 @@ use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tidemark_bench_support::procs::{CpuMeter, Proc, clock_ticks, unique_name};
+use tidemark_bench_support::stats;
 use tidemark_proto::v1::scaling_client::ScalingClient;
 use tidemark_proto::v1::{ScalingDecision, WatchDecisionsRequest};
 use tokio::sync::{mpsc, watch};
-
-use crate::procs::{CpuMeter, Proc, clock_ticks, unique_name};
-use crate::stats;
 
 const SERVICE: &str = "bench";
 

@@ -24,15 +24,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use prost::Message as _;
+use tidemark_bench_support::procs::{CpuMeter, Proc, clock_ticks, status_kib, unique_name};
+use tidemark_bench_support::stats;
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
 use tidemark_proto::v1::{LoadSample, ResourceSample, TenantUsage, UsageBatch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-
-use crate::procs::{CpuMeter, Proc, clock_ticks, status_kib, unique_name};
-use crate::stats;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {

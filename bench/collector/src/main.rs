@@ -13,8 +13,6 @@
 
 mod decision;
 mod ingest;
-mod procs;
-mod stats;
 
 use clap::{Parser, Subcommand};
 

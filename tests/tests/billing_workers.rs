@@ -17,8 +17,23 @@ const SERVICES: u64 = 12;
 const SESSIONS_PER_SERVICE: u64 = 2;
 
 /// Appends `per_session` batches for every session, starting at `first_seq`,
-/// and returns the requests they carry (for tenant `acme`).
+/// and returns the requests they carry (for tenant `acme`). Each goes to its
+/// service's partition (the log key), as collectors send them.
 async fn produce(log: &Log, topic: &str, first_seq: u64, per_session: u64) -> i64 {
+    produce_keyed(log, topic, first_seq, per_session, |batch| {
+        encode_usage(batch).0.to_vec()
+    })
+    .await
+}
+
+/// [`produce`] with the log key of each batch chosen by `key`.
+async fn produce_keyed(
+    log: &Log,
+    topic: &str,
+    first_seq: u64,
+    per_session: u64,
+    key: impl Fn(&UsageBatch) -> Vec<u8>,
+) -> i64 {
     let mut total = 0;
     for seq in first_seq..first_seq + per_session {
         for service in 0..SERVICES {
@@ -38,7 +53,8 @@ async fn produce(log: &Log, topic: &str, first_seq: u64, per_session: u64) -> i6
                     }],
                     ..UsageBatch::default()
                 };
-                let (key, payload) = encode_usage(&batch);
+                let (_, payload) = encode_usage(&batch);
+                let key = key(&batch);
                 log.append(topic, &key, payload.clone()).await.unwrap();
                 // Every tenth batch is delivered twice, as after a failover.
                 if seq % 10 == 3 {
@@ -63,21 +79,24 @@ async fn kafka(topic: &str) -> Log {
 }
 
 fn worker(database_url: &str, topic: &str) -> Proc {
-    Proc::start(
-        "tidemark-billing",
-        &[
-            "--api-listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--commit-interval=50ms",
-            &format!("--database-url={database_url}"),
-            &format!("--kafka-brokers={}", kafka_brokers()),
-            &format!("--usage-topic={topic}"),
-            &format!("--group=billing-{topic}"),
-            // A killed worker's partitions move on after 6 s, not 45 s.
-            "--kafka-property=session.timeout.ms=6000",
-            "--kafka-property=heartbeat.interval.ms=1000",
-        ],
-    )
+    worker_with(database_url, topic, &[])
+}
+
+fn worker_with(database_url: &str, topic: &str, extra: &[&str]) -> Proc {
+    let args = [
+        "--api-listen=127.0.0.1:0",
+        "--admin-listen=127.0.0.1:0",
+        "--commit-interval=50ms",
+        &format!("--database-url={database_url}"),
+        &format!("--kafka-brokers={}", kafka_brokers()),
+        &format!("--usage-topic={topic}"),
+        &format!("--group=billing-{topic}"),
+        // A killed worker's partitions move on after 6 s, not 45 s.
+        "--kafka-property=session.timeout.ms=6000",
+        "--kafka-property=heartbeat.interval.ms=1000",
+    ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    Proc::start("tidemark-billing", &args)
 }
 
 /// Waits until the worker's API reports `want` requests for `acme`, then
@@ -140,4 +159,70 @@ async fn two_workers_on_postgres_through_rebalances_stay_exact() {
     first.kill();
     want += produce(&log, &topic, 60, 20).await;
     expect_total(&second, want).await;
+}
+
+/// Every session's batches spread over several partitions (as when a topic
+/// gains partitions, or a producer keys by something else), duplicates on
+/// other partitions than their first copy: the transactions of one commit
+/// share sessions and lock them in turn; killed in between, the worker
+/// still ends exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_commits_sharing_sessions_across_partitions_stay_exact() {
+    let url = fresh_postgres_database().await;
+    let topic = unique_topic();
+    let log = kafka(&topic).await;
+    let spread = |batch: &UsageBatch| format!("{}-{}", batch.session_id, batch.seq % 5).into_bytes();
+    let mut want = produce_keyed(&log, &topic, 0, 40, spread).await;
+    let mut w = worker_with(&url, &topic, &["--parallel-commits=4"]);
+    w.address("billing HTTP API");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    w.kill();
+    want += produce_keyed(&log, &topic, 40, 40, spread).await;
+    let last = worker_with(&url, &topic, &["--parallel-commits=4"]);
+    expect_total(&last, want).await;
+}
+
+/// One transaction of a split commit fails (a trigger refuses one session)
+/// while the others commit: the worker stops, having recorded only the
+/// offsets of what it committed, and once the cause is gone a worker counts
+/// the rest, exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_transaction_of_a_parallel_commit_loses_nothing() {
+    use sqlx::{Connection, Executor, Row};
+    let url = fresh_postgres_database().await;
+    tidemark_billing::store::Store::open(&url).await.unwrap();
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    db.execute(
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.session_id = 'session-3-0' THEN RAISE EXCEPTION 'session-3-0 is poisoned'; END IF;
+           RETURN NEW;
+         END $$",
+    )
+    .await
+    .unwrap();
+    db.execute("CREATE TRIGGER poison BEFORE INSERT OR UPDATE ON session_state FOR EACH ROW EXECUTE FUNCTION poison()")
+        .await
+        .unwrap();
+    let topic = unique_topic();
+    let log = kafka(&topic).await;
+    let want = produce(&log, &topic, 0, 40).await;
+
+    let mut failing = worker_with(&url, &topic, &["--parallel-commits=4"]);
+    assert!(!failing.wait_exit(Duration::from_secs(60)).success());
+    assert!(failing.output().contains("poisoned"), "{}", failing.output());
+    let counted: i64 =
+        sqlx::query("SELECT COALESCE(SUM(quantity), 0)::BIGINT FROM usage_rollup WHERE meter = 'requests'")
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+            .get(0);
+    assert!(
+        0 < counted && counted < want,
+        "the other transactions committed {counted} of {want}"
+    );
+
+    db.execute("DROP TRIGGER poison ON session_state").await.unwrap();
+    let last = worker_with(&url, &topic, &["--parallel-commits=4"]);
+    expect_total(&last, want).await;
 }

@@ -172,7 +172,7 @@ impl Invoicing {
     /// draft of the usage as it is.
     pub async fn get(&self, id: &str, now: i64) -> Result<Invoice, InvoiceError> {
         let (tenant, period) = self.parse_id(id)?;
-        let mut conn = self.store.pool().acquire().await?;
+        let mut conn = self.store.reads().acquire().await?;
         if let Some(invoice) = self.stored(&mut conn, &tenant, &period, true).await? {
             return Ok(invoice);
         }
@@ -187,7 +187,7 @@ impl Invoicing {
 
     /// The draft of `tenant`'s `period` (never a stored invoice).
     pub async fn draft(&self, tenant: &str, period: &Period) -> Result<Invoice, InvoiceError> {
-        let mut conn = self.store.pool().acquire().await?;
+        let mut conn = self.store.reads().acquire().await?;
         self.draft_on(&mut conn, tenant, period).await
     }
 
@@ -204,7 +204,7 @@ impl Invoicing {
     /// or a subscription starting before its end, sorted (the tenants
     /// [`Invoicing::list`] drafts when no tenant is given).
     pub async fn tenants(&self, period: &Period) -> Result<Vec<String>, InvoiceError> {
-        let mut conn = self.store.pool().acquire().await?;
+        let mut conn = self.store.reads().acquire().await?;
         tenants_on(&mut conn, period).await
     }
 
@@ -260,7 +260,7 @@ impl Invoicing {
     /// without, every finalized invoice and the drafts of the current and
     /// the previous period (not yet finalized).
     pub async fn list(&self, filter: &ListFilter, now: i64) -> Result<Listing, InvoiceError> {
-        let mut conn = self.store.pool().acquire().await?;
+        let mut conn = self.store.reads().acquire().await?;
         let requested = match filter.period {
             Some((year, month)) => Some(self.zone.period(year, month).ok_or_else(|| InvoiceError::Unknown {
                 id: format!("{year:04}-{month:02}"),

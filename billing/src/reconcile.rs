@@ -316,7 +316,7 @@ impl InvoiceCheck {
 /// Checks the batch counts of the finalized invoices whose month lies in
 /// `range` against the log's (see the module's documentation).
 pub async fn check_invoices(store: &Store, range: Range, tally: &LogTally) -> Result<InvoiceCheck, ReconcileError> {
-    let mut conn = store.pool().acquire().await?;
+    let mut conn = store.reads().acquire().await?;
     let filter = Filter {
         lines: true,
         ..Filter::default()

@@ -360,7 +360,41 @@ enum Backend {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Connections for queries that only read. On SQLite, read-only
+    /// connections apart from the one writer: in WAL mode they read the
+    /// last commit while the ledger writes the next, so a long query (a
+    /// month's revenue of every tenant) never holds up a commit. On
+    /// Postgres, the same pool.
+    reads: AnyPool,
     backend: Backend,
+}
+
+/// Read-only connections to an SQLite store.
+const SQLITE_READERS: u32 = 4;
+
+/// Opens a pool on `url`.
+async fn connect(options: AnyPoolOptions, url: &str) -> Result<AnyPool, StoreError> {
+    options
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|e| StoreError::Connect {
+            url: redact(url),
+            reason: e.to_string(),
+        })
+}
+
+/// The read-only twin of a writable SQLite file URL (`mode=rwc` or `rw`);
+/// `None` for anything else: Postgres, an in-memory database (its readers
+/// would see another database), or a URL already read-only.
+fn sqlite_read_only(url: &str) -> Option<String> {
+    if !url.starts_with("sqlite:") || url.contains(":memory:") {
+        return None;
+    }
+    ["mode=rwc", "mode=rw"]
+        .iter()
+        .find(|mode| url.contains(*mode))
+        .map(|mode| url.replacen(mode, "mode=ro", 1))
 }
 
 /// Hides the password of a database URL.
@@ -382,6 +416,11 @@ impl Store {
     /// (invoices, subscriptions) that keep their SQL next to their types.
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The pool for queries that only read (see [`Store`]).
+    pub(crate) fn reads(&self) -> &AnyPool {
+        &self.reads
     }
 
     /// How many ledger commits may run at once: SQLite has one writer;
@@ -424,17 +463,22 @@ impl Store {
         } else {
             AnyPoolOptions::new().max_connections(POSTGRES_CONNECTIONS)
         };
-        let pool = options
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&url)
-            .await
-            .map_err(|e| StoreError::Connect {
-                url: redact(&url),
-                reason: e.to_string(),
-            })?;
+        let pool = connect(options, &url).await?;
         let backend = if is_sqlite { Backend::Sqlite } else { Backend::Postgres };
-        let store = Store { pool, backend };
+        let mut store = Store {
+            reads: pool.clone(),
+            pool,
+            backend,
+        };
         store.migrate().await?;
+        if let Some(url) = sqlite_read_only(&url) {
+            let options = AnyPoolOptions::new()
+                .max_connections(SQLITE_READERS)
+                .after_connect(|conn, _| {
+                    Box::pin(async move { conn.execute("PRAGMA busy_timeout = 5000").await.map(drop) })
+                });
+            store.reads = connect(options, &url).await?;
+        }
         Ok(store)
     }
 
@@ -481,7 +525,7 @@ impl Store {
     pub async fn offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
         let rows = sqlx::query("SELECT part, next_offset FROM log_offset WHERE topic = $1")
             .bind(topic)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter()
             .map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?)))
@@ -687,7 +731,7 @@ impl Store {
             "SELECT session_id, service, instance, next_seq, above, hole_since, lost FROM session_state
              WHERE above <> '' OR lost <> '' ORDER BY service, session_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| {
@@ -762,7 +806,7 @@ impl Store {
             .bind(q.meter.as_deref().unwrap_or(""))
             .bind(hours_from)
             .bind(hours_to)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.reads)
             .await?
             .try_get(0)?;
         let rows: Vec<(i64, String, String, i64, i64)> = serde_json::from_str(&packed)
@@ -808,7 +852,7 @@ impl Store {
         .bind(q.to)
         .bind(q.service.as_deref().unwrap_or(""))
         .bind(q.meter.as_deref().unwrap_or(""))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| {
@@ -836,7 +880,7 @@ impl Store {
         )
         .bind(from)
         .bind(to)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.iter()
             .map(|r| {
@@ -1181,6 +1225,51 @@ mod tests {
             .expect("reopen");
         assert_eq!(hourly(store.clone()).await, expected);
         assert_eq!(totals(store).await, expected_totals);
+    }
+
+    #[test]
+    fn sqlite_files_get_read_only_twins() {
+        assert_eq!(
+            sqlite_read_only("sqlite:/d/b.db?mode=rwc").as_deref(),
+            Some("sqlite:/d/b.db?mode=ro")
+        );
+        assert_eq!(
+            sqlite_read_only("sqlite:b.db?cache=shared&mode=rw").as_deref(),
+            Some("sqlite:b.db?cache=shared&mode=ro")
+        );
+        assert_eq!(sqlite_read_only("sqlite:b.db?mode=ro"), None);
+        assert_eq!(sqlite_read_only("sqlite::memory:"), None);
+        assert_eq!(sqlite_read_only("postgres://u@h/db?mode=rw"), None);
+    }
+
+    #[tokio::test]
+    async fn on_sqlite_queries_answer_while_the_writer_is_busy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&format!("sqlite:{}", dir.path().join("b.db").display()))
+            .await
+            .expect("open");
+        let b = batch("s", 0, "acme", 3);
+        let clock = CommitClock {
+            now_micros: b.window_end_unix_micros,
+            gap_grace_micros: 0,
+            late_after_micros: i64::MAX,
+        };
+        store.commit("t", &[b], &[(0, 1)], clock).await.expect("commit");
+        // A commit in the middle of its transaction holds the only writer.
+        let mut writing = store.pool().begin_with("BEGIN IMMEDIATE").await.expect("begin");
+        writing
+            .execute("UPDATE log_offset SET next_offset = 2")
+            .await
+            .expect("write");
+        let usage = tokio::time::timeout(std::time::Duration::from_secs(2), store.usage(&all("acme")))
+            .await
+            .expect("the query waited for the writer")
+            .expect("usage");
+        assert_eq!(usage.iter().map(|r| r.quantity).sum::<i64>(), 3);
+        let offsets = store.offsets("t").await.expect("offsets");
+        assert_eq!(offsets.get(&0), Some(&1), "a reader sees the last commit only");
+        writing.commit().await.expect("commit");
+        assert_eq!(store.offsets("t").await.expect("offsets").get(&0), Some(&2));
     }
 
     #[test]

@@ -239,13 +239,13 @@ impl Store {
 
     /// Every subscription of `tenant`, oldest first.
     pub async fn subscriptions(&self, tenant: &str) -> Result<Vec<Subscription>, DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.reads().acquire().await?;
         db::subscriptions(&mut conn, tenant).await
     }
 
     /// Tenants with a subscription starting before `before`.
     pub async fn subscribed_tenants(&self, before: i64) -> Result<Vec<String>, DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.reads().acquire().await?;
         db::subscribed_tenants(&mut conn, before).await
     }
 }

@@ -9,9 +9,14 @@
 //!    committed offsets that covers it;
 //! 3. query: a store filled through `Store::commit` (not through Kafka) with
 //!    90 days of windows, then `GET /v1/usage?window=hour` for one tenant
-//!    over the 90 days, one request at a time.
+//!    over the 90 days, one request at a time;
+//! 4. revenue: a store filled in SQL with a month of usage, then billing's
+//!    open-period revenue refresh over it, step by step, while a probe
+//!    queries the store (`revenue.rs`).
 //!
 //! Prints a markdown report on stdout and progress on stderr.
+
+mod revenue;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -97,12 +102,19 @@ struct Args {
     #[arg(long)]
     query_postgres: bool,
 
+    /// Revenue run: tenants with a row at every minute of the month.
+    #[arg(long, default_value_t = 20)]
+    revenue_heavy_tenants: usize,
+    /// Revenue run: tenants with a row at one minute an hour.
+    #[arg(long, default_value_t = 1000)]
+    revenue_light_tenants: usize,
+
     /// An extra flag for every billing process, as `--billing-arg=--parallel-commits=3`
     /// (repeatable); the runs use billing's defaults otherwise.
     #[arg(long, allow_hyphen_values = true)]
     billing_arg: Vec<String>,
 
-    /// Phases to skip: throughput, lag, query.
+    /// Phases to skip: throughput, lag, query, revenue.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
 }
@@ -140,11 +152,14 @@ fn backends(args: &Args) -> Vec<Backend> {
 
 async fn run(args: Args) -> anyhow::Result<String> {
     std::fs::create_dir_all(&args.work_dir)?;
-    let log = Log::open(LogConfig::Kafka(KafkaConfig {
-        brokers: args.kafka_brokers.clone(),
-        properties: vec![],
-    }))
-    .await?;
+    // Kafka is opened for the first phase that uses it.
+    let log = tokio::sync::OnceCell::new();
+    let kafka = || {
+        Log::open(LogConfig::Kafka(KafkaConfig {
+            brokers: args.kafka_brokers.clone(),
+            properties: vec![],
+        }))
+    };
     if let Some(admin) = &args.postgres_url {
         drop_earlier_databases(admin).await?;
     }
@@ -157,13 +172,16 @@ async fn run(args: Args) -> anyhow::Result<String> {
         );
     }
     if !args.skip.iter().any(|s| s == "throughput") {
-        out += &throughput(&args, &log).await?;
+        out += &throughput(&args, log.get_or_try_init(kafka).await?).await?;
     }
     if !args.skip.iter().any(|s| s == "lag") {
-        out += &lag(&args, &log).await?;
+        out += &lag(&args, log.get_or_try_init(kafka).await?).await?;
     }
     if !args.skip.iter().any(|s| s == "query") {
         out += &query(&args).await?;
+    }
+    if !args.skip.iter().any(|s| s == "revenue") {
+        out += &revenue::revenue(&args).await?;
     }
     Ok(out)
 }

@@ -295,6 +295,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A usage batch of one second starting at `start`, from `service` (its
+/// instance `<service>-1`), number `seq` of `session`: each tenant with its
+/// requests and nothing else.
+pub fn usage_batch(
+    service: &str,
+    session: &str,
+    seq: u64,
+    start: i64,
+    tenants: &[(&str, u64)],
+) -> tidemark_proto::v1::UsageBatch {
+    tidemark_proto::v1::UsageBatch {
+        service: service.into(),
+        instance: format!("{service}-1"),
+        session_id: session.into(),
+        seq,
+        window_start_unix_micros: start,
+        window_end_unix_micros: start + 1_000_000,
+        tenants: tenants
+            .iter()
+            .map(|(tenant, requests)| tidemark_proto::v1::TenantUsage {
+                tenant: (*tenant).into(),
+                requests: *requests,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// Reads usage batches from `topic` (a fresh consumer group, from the
 /// beginning) until `done` says enough, or fails after 60 s.
 pub async fn read_usage(

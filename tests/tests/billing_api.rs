@@ -10,11 +10,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use hyper::StatusCode;
-use tidemark_e2e::{bin, get, start_dev};
+use tidemark_e2e::{bin, get, start_dev, usage_batch};
 use tidemark_proto::v1::billing_client::BillingClient;
 use tidemark_proto::v1::ingest_client::IngestClient;
 use tidemark_proto::v1::report_reply::Result as Reply;
-use tidemark_proto::v1::{GetInvoiceRequest, ListInvoicesRequest, QueryUsageRequest, TenantUsage, UsageBatch};
+use tidemark_proto::v1::{GetInvoiceRequest, ListInvoicesRequest, QueryUsageRequest, UsageBatch};
 
 const ADMIN: &str = "admin-token-e2e-00001";
 const ACME: &str = "acme-token-e2e-000001";
@@ -39,26 +39,6 @@ fn window_label(unix_micros: i64) -> String {
         T0 => "2025-11-24T16:00:00Z".into(),
         t if t == T0 + HOUR => "2025-11-24T17:00:00Z".into(),
         t => format!("unexpected window {t}"),
-    }
-}
-
-fn batch(service: &str, session: &str, start: i64, tenants: &[(&str, u64)]) -> UsageBatch {
-    UsageBatch {
-        service: service.into(),
-        instance: format!("{service}-1"),
-        session_id: session.into(),
-        seq: 0,
-        window_start_unix_micros: start,
-        window_end_unix_micros: start + 1_000_000,
-        tenants: tenants
-            .iter()
-            .map(|(tenant, requests)| TenantUsage {
-                tenant: (*tenant).into(),
-                requests: *requests,
-                ..TenantUsage::default()
-            })
-            .collect(),
-        ..UsageBatch::default()
     }
 }
 
@@ -130,9 +110,9 @@ async fn tenant_tokens_read_only_their_tenant_over_http_grpc_and_the_cli() {
     deliver(
         ingest,
         vec![
-            batch("shop", "s1", T0, &[("acme", 3), ("globex", 100)]),
-            batch("cart", "c1", T0 + 60_000_000, &[("acme", 5)]),
-            batch("shop", "s2", T0 + HOUR, &[("acme", 4)]),
+            usage_batch("shop", "s1", 0, T0, &[("acme", 3), ("globex", 100)]),
+            usage_batch("cart", "c1", 0, T0 + 60_000_000, &[("acme", 5)]),
+            usage_batch("shop", "s2", 0, T0 + HOUR, &[("acme", 4)]),
         ],
     )
     .await;
@@ -375,7 +355,13 @@ async fn grpc_invoices_match_http_and_keep_to_the_token_scope() {
     let grpc = dev.address("billing gRPC");
     deliver(
         dev.address("ingest gRPC"),
-        vec![batch("shop", "s1", T0, &[("acme", 3_000_000), ("globex", 100)])],
+        vec![usage_batch(
+            "shop",
+            "s1",
+            0,
+            T0,
+            &[("acme", 3_000_000), ("globex", 100)],
+        )],
     )
     .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

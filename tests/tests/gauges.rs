@@ -33,12 +33,12 @@ use tidemark_billing::store::Store;
 use tidemark_billing::telemetry::Telemetry;
 use tidemark_billing::{BillingArgs, invoice::Invoicing};
 use tidemark_core::window::now_micros;
-use tidemark_e2e::{fresh_postgres_database, get, kafka_brokers, unique_topic};
+use tidemark_e2e::{fresh_postgres_database, get, kafka_brokers, unique_topic, usage_batch};
 use tidemark_log::embedded::EmbeddedConfig;
 use tidemark_log::kafka::KafkaConfig;
 use tidemark_log::topics::encode_usage;
 use tidemark_log::{Log, LogConfig, TopicSpec};
-use tidemark_proto::v1::{TenantUsage, UsageBatch};
+use tidemark_proto::v1::UsageBatch;
 use tidemark_runtime::admin::{self, Readiness};
 use tidemark_runtime::shutdown::{Shutdown, Trigger, channel};
 
@@ -130,24 +130,8 @@ impl Batches {
         let next = self.seqs.entry(service.to_owned()).or_insert(0);
         let seq = *next;
         *next += 1;
-        UsageBatch {
-            service: service.into(),
-            instance: format!("{service}-1"),
-            // One session per service, numbered from 0 without holes.
-            session_id: format!("{}-{service}", self.session),
-            seq,
-            window_start_unix_micros: start,
-            window_end_unix_micros: start + 1_000_000,
-            tenants: tenants
-                .iter()
-                .map(|(tenant, requests)| TenantUsage {
-                    tenant: (*tenant).into(),
-                    requests: *requests,
-                    ..TenantUsage::default()
-                })
-                .collect(),
-            ..UsageBatch::default()
-        }
+        // One session per service, numbered from 0 without holes.
+        usage_batch(service, &format!("{}-{service}", self.session), seq, start, tenants)
     }
 }
 

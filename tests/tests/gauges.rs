@@ -518,7 +518,6 @@ async fn revenue_equals_the_cost_api_for_top_tenants_and_the_rest_sums_up() {
     api_task.await.unwrap().unwrap();
 }
 
-/// PUTs a JSON body; returns the status and the answer.
 /// Waits (up to a minute) until the exported lag of every partition is 0.
 async fn caught_up(exporter: &Exporter, log: &Log, store: &Store, topic: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -535,6 +534,7 @@ async fn caught_up(exporter: &Exporter, log: &Log, store: &Store, topic: &str) {
     }
 }
 
+/// PUTs a JSON body; returns the status and the answer.
 async fn put(api: SocketAddr, path: &str, body: &str) -> (hyper::StatusCode, String) {
     use http_body_util::BodyExt;
     use hyper_util::client::legacy::Client;

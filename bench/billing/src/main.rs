@@ -74,6 +74,11 @@ struct Args {
     /// Services (each one sidecar session, and the log key) batches come from.
     #[arg(long, default_value_t = 32)]
     services: usize,
+    /// Billing processes run one after another over the pre-filled topic, per
+    /// store (each with a fresh database and group): how a commit's batches
+    /// spread over partitions, so over services and rows, differs from run to run.
+    #[arg(long, default_value_t = 3)]
+    throughput_runs: usize,
     /// Give up waiting for billing to count the pre-filled topic after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "180s")]
     throughput_timeout: Duration,
@@ -303,10 +308,25 @@ async fn throughput(args: &Args, log: &Log) -> anyhow::Result<String> {
     }
     let mut notes = String::new();
     for backend in backends(args) {
-        let url = database_url(args, backend, "tp").await?;
-        let (row, note) = billing_throughput(args, backend, &url, &topic, args.batches).await?;
-        let _ = writeln!(out, "{row}");
-        notes += &note;
+        let mut steady = Vec::new();
+        for run in 1..=args.throughput_runs.max(1) {
+            let url = database_url(args, backend, "tp").await?;
+            let (row, note, records_per_s) = billing_throughput(args, backend, run, &url, &topic, args.batches).await?;
+            let _ = writeln!(out, "{row}");
+            notes += &note;
+            steady.extend(records_per_s);
+        }
+        steady.sort_by(f64::total_cmp);
+        if let (Some(low), Some(high)) = (steady.first(), steady.last()) {
+            notes += &format!(
+                "- {}: median of {} runs, steady: **{} records/s** (from {} to {}).\n",
+                backend.name(),
+                steady.len(),
+                thousands(steady[steady.len() / 2]),
+                thousands(*low),
+                thousands(*high),
+            );
+        }
     }
     let _ = writeln!(out, "\n{notes}");
     Ok(out)
@@ -411,18 +431,21 @@ fn broker_pid() -> Option<u32> {
         .ok()
 }
 
+/// One billing process reading the whole pre-filled topic: its table row,
+/// a note, and its steady records/s.
 async fn billing_throughput(
     args: &Args,
     backend: Backend,
+    run: usize,
     url: &str,
     topic: &str,
     batches: u64,
-) -> anyhow::Result<(String, String)> {
+) -> anyhow::Result<(String, String, Option<f64>)> {
     let group = unique_name("bench-billing");
     let started = Instant::now();
     let mut proc = start_billing(
         args,
-        &format!("billing-throughput-{}", backend.name()),
+        &format!("billing-throughput-{}-{run}", backend.name()),
         url,
         topic,
         &group,
@@ -466,7 +489,7 @@ async fn billing_throughput(
     let steady = first.map(|(t, n0)| (n.saturating_sub(n0)) as f64 / end.duration_since(t).as_secs_f64().max(1e-9));
     let tenants = args.tenants as f64;
     let row = format!(
-        "| tidemark-billing → {} | {} | {} | {} | {whole:.1} s{} | {} | {:.2} / {:.2} / {:.2} |",
+        "| tidemark-billing → {}, run {run} | {} | {} | {} | {whole:.1} s{} | {} | {:.2} / {:.2} / {:.2} |",
         backend.name(),
         thousands(n as f64 / whole),
         thousands(n as f64 * tenants / whole),
@@ -486,11 +509,11 @@ async fn billing_throughput(
         machine,
     );
     let note = format!(
-        "- {}: first commit {:.1} s after the process started (store open, group join, first fetch).\n",
+        "- {}, run {run}: first commit {:.1} s after the process started (store open, group join, first fetch).\n",
         backend.name(),
         first.map_or(f64::NAN, |(t, _)| t.duration_since(started).as_secs_f64())
     );
-    Ok((row, note))
+    Ok((row, note, steady.map(|s| s * tenants)))
 }
 
 /// Kafka's ConsumerPerformance reading the whole topic: records/s as the tool reports it.

@@ -301,7 +301,7 @@ fn hours<'k, 'a: 'k>(
 /// first hour start at or after `from` (or `to`), `end` the last at or
 /// before `to` (but not before `first`). So `[from, first)` and `[end, to)`
 /// hold the partial hours, and all three ranges are empty or inside.
-fn whole_hours(from: i64, to: i64) -> (i64, i64) {
+pub(crate) fn whole_hours(from: i64, to: i64) -> (i64, i64) {
     let first = hour_start(from);
     let first = if first < from {
         first.checked_add(MICROS_PER_HOUR).unwrap_or(to)

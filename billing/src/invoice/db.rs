@@ -201,16 +201,38 @@ pub async fn late_range(
 }
 
 /// Tenants with usage in `[from, to)`.
+///
+/// Every tenant with usage has rows in `usage_total_hour`, so the query
+/// walks its distinct tenants through the key (one index probe per tenant,
+/// not a scan of the rollups), and asks of each whether it has usage in
+/// the range's whole hours (hourly totals) or its partial hours at either
+/// end (minutes).
 pub async fn tenants_with_usage(conn: &mut AnyConnection, from: i64, to: i64) -> Result<Vec<String>, DbError> {
-    sqlx::query("SELECT DISTINCT tenant FROM usage_rollup WHERE minute >= $1 AND minute < $2 ORDER BY tenant")
-        .bind(from)
-        .bind(to)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(DbError::from)
+    let (hours_from, hours_to) = crate::store::whole_hours(from, to);
+    sqlx::query(
+        "WITH RECURSIVE known (tenant) AS (
+           SELECT MIN(tenant) FROM usage_total_hour
+           UNION ALL
+           SELECT (SELECT MIN(h.tenant) FROM usage_total_hour h WHERE h.tenant > known.tenant)
+           FROM known WHERE known.tenant IS NOT NULL
+         )
+         SELECT tenant FROM known k WHERE k.tenant IS NOT NULL AND (
+           EXISTS (SELECT 1 FROM usage_total_hour h WHERE h.tenant = k.tenant AND h.hour >= $3 AND h.hour < $4)
+           OR EXISTS (SELECT 1 FROM usage_rollup m WHERE m.tenant = k.tenant AND m.minute >= $1 AND m.minute < $3)
+           OR EXISTS (SELECT 1 FROM usage_rollup m WHERE m.tenant = k.tenant AND m.minute >= $4 AND m.minute < $2)
+         )
+         ORDER BY tenant",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(hours_from)
+    .bind(hours_to)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| r.try_get(0))
+    .collect::<Result<_, sqlx::Error>>()
+    .map_err(DbError::from)
 }
 
 /// Tenants with a subscription starting before `before`.
@@ -449,4 +471,69 @@ pub fn lock_key(tenant: &str) -> i64 {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use tidemark_core::{TenantUsage, UsageBatch};
+
+    use super::*;
+    use crate::store::{CommitClock, Store};
+
+    const MINUTE: i64 = 60_000_000;
+
+    #[tokio::test]
+    async fn tenants_with_usage_in_whole_and_partial_hours() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&format!("sqlite:{}", dir.path().join("b.db").display()))
+            .await
+            .expect("open");
+        let day = 1_764_000_000_000_000 / (24 * 60 * MINUTE) * (24 * 60 * MINUTE);
+        let at = |hour: i64, minute: i64| day + (hour * 60 + minute) * MINUTE;
+        let usage = [
+            ("before", at(9, 30)),
+            ("head", at(9, 45)),
+            ("whole", at(10, 30)),
+            ("tail", at(12, 10)),
+            ("edge", at(12, 20)),
+            ("after", at(12, 30)),
+        ];
+        let batches: Vec<UsageBatch> = usage
+            .iter()
+            .enumerate()
+            .map(|(seq, (tenant, start))| UsageBatch {
+                service: "svc".into(),
+                instance: "i".into(),
+                session_id: "s".into(),
+                seq: seq as u64,
+                window_start_unix_micros: *start,
+                window_end_unix_micros: start + 1_000_000,
+                tenants: vec![TenantUsage {
+                    tenant: (*tenant).into(),
+                    requests: 1,
+                    ..TenantUsage::default()
+                }],
+                ..UsageBatch::default()
+            })
+            .collect();
+        let clock = CommitClock {
+            now_micros: at(13, 0),
+            gap_grace_micros: 0,
+            late_after_micros: i64::MAX,
+        };
+        store.commit("t", &batches, &[(0, 6)], clock).await.expect("commit");
+        let listed = |from, to| {
+            let store = store.clone();
+            async move {
+                let mut conn = store.reads().acquire().await.expect("conn");
+                tenants_with_usage(&mut conn, from, to).await.expect("tenants")
+            }
+        };
+        assert_eq!(listed(at(9, 40), at(12, 20)).await, ["head", "tail", "whole"]);
+        assert_eq!(listed(at(9, 0), at(13, 0)).await, ["after", "before", "edge", "head", "tail", "whole"]);
+        assert_eq!(listed(at(10, 0), at(12, 0)).await, ["whole"]);
+        assert_eq!(listed(at(12, 10), at(12, 11)).await, ["tail"]);
+        assert!(listed(at(11, 0), at(12, 0)).await.is_empty());
+        assert!(listed(at(13, 0), at(14, 0)).await.is_empty());
+    }
 }

@@ -37,6 +37,16 @@ pub enum StoreError {
     Aborted(String),
 }
 
+/// Fills an empty `usage_rollup_hour` from the minute rollups (schema
+/// version 5 does, and so may a tool that writes minute rows in SQL).
+pub const FILL_ROLLUP_HOUR: &str = "INSERT INTO usage_rollup_hour (tenant, service, meter, hour, quantity, batches)
+    SELECT tenant, service, meter, (minute / 3600000000) * 3600000000, SUM(quantity), SUM(batches)
+    FROM usage_rollup GROUP BY tenant, service, meter, (minute / 3600000000) * 3600000000";
+
+/// Fills an empty `usage_total_hour` from `usage_rollup_hour`.
+pub const FILL_TOTAL_HOUR: &str = "INSERT INTO usage_total_hour (tenant, meter, hour, quantity, batches)
+    SELECT tenant, meter, hour, SUM(quantity), SUM(batches) FROM usage_rollup_hour GROUP BY tenant, meter, hour";
+
 /// Schema migrations, applied in order; the store records the last applied.
 const MIGRATIONS: &[&[&str]] = &[
     &[
@@ -147,9 +157,7 @@ const MIGRATIONS: &[&[&str]] = &[
             batches BIGINT NOT NULL,
             PRIMARY KEY (tenant, hour, service, meter)
         ) /*WITHOUT ROWID*/",
-        "INSERT INTO usage_rollup_hour (tenant, service, meter, hour, quantity, batches)
-         SELECT tenant, service, meter, (minute / 3600000000) * 3600000000, SUM(quantity), SUM(batches)
-         FROM usage_rollup GROUP BY tenant, service, meter, (minute / 3600000000) * 3600000000",
+        FILL_ROLLUP_HOUR,
         "CREATE TABLE usage_total_hour (
             tenant TEXT NOT NULL,
             meter TEXT NOT NULL,
@@ -158,8 +166,7 @@ const MIGRATIONS: &[&[&str]] = &[
             batches BIGINT NOT NULL,
             PRIMARY KEY (tenant, hour, meter)
         ) /*WITHOUT ROWID*/",
-        "INSERT INTO usage_total_hour (tenant, meter, hour, quantity, batches)
-         SELECT tenant, meter, hour, SUM(quantity), SUM(batches) FROM usage_rollup_hour GROUP BY tenant, meter, hour",
+        FILL_TOTAL_HOUR,
     ],
     // Every commit updates the rollup rows of the current minute and hour.
     // Postgres writes an updated row as a new version; with room left on

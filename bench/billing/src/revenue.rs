@@ -13,7 +13,7 @@ use tidemark_billing::gauges::Gauges;
 use tidemark_billing::invoice::Invoicing;
 use tidemark_billing::invoice::period::{BillingZone, Period};
 use tidemark_billing::query::{self, UsageParams};
-use tidemark_billing::store::Store;
+use tidemark_billing::store::{FILL_ROLLUP_HOUR, FILL_TOTAL_HOUR, Store};
 use tidemark_billing::subscriptions::Catalog;
 use tidemark_core::window::{MICROS_PER_MINUTE, now_micros};
 
@@ -58,8 +58,8 @@ pub async fn revenue(args: &Args) -> anyhow::Result<String> {
         out,
         "A fresh store holding the open period's usage: {heavy} tenants with a row at every minute of 31 days and \
          {light} at one minute an hour, two meters each (`requests`, `billed_duration_us`), one service, written \
-         straight into the minute rollups in SQL (what the refresh reads; not through Kafka or `Store::commit`, and \
-         no hourly rollups). Every tenant is on the default plan `{PLAN}`. Then, in this process: the tenants of the \
+         straight into the minute rollups in SQL (what the refresh reads; not through Kafka or `Store::commit`), \
+         the hourly rollups filled from them as the schema's migration does. Every tenant is on the default plan `{PLAN}`. Then, in this process: the tenants of the \
          period (`Invoicing::tenants`), each one's running cost one after another (`Invoicing::running_cost`, what \
          `GET /v1/tenants/{{id}}/cost` answers), and the whole refresh as billing runs it \
          (`Gauges::refresh_revenue`, top {TOP_TENANTS} per currency). Meanwhile a probe runs a small query of the \
@@ -300,6 +300,10 @@ async fn fill_month(url: &str, backend: Backend, period_start: i64, heavy: usize
             .execute(&mut conn)
             .await?
             .rows_affected();
+    }
+    // The hourly rollups the ledger would have written beside them.
+    for fill in [FILL_ROLLUP_HOUR, FILL_TOTAL_HOUR] {
+        sqlx::query(fill).execute(&mut conn).await?;
     }
     Ok(rows)
 }

@@ -530,7 +530,10 @@ mod tests {
             }
         };
         assert_eq!(listed(at(9, 40), at(12, 20)).await, ["head", "tail", "whole"]);
-        assert_eq!(listed(at(9, 0), at(13, 0)).await, ["after", "before", "edge", "head", "tail", "whole"]);
+        assert_eq!(
+            listed(at(9, 0), at(13, 0)).await,
+            ["after", "before", "edge", "head", "tail", "whole"]
+        );
         assert_eq!(listed(at(10, 0), at(12, 0)).await, ["whole"]);
         assert_eq!(listed(at(12, 10), at(12, 11)).await, ["tail"]);
         assert!(listed(at(11, 0), at(12, 0)).await.is_empty());

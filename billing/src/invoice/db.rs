@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use super::aggregate::MeterUsage;
@@ -209,7 +210,7 @@ pub async fn late_range(
 /// end (minutes).
 pub async fn tenants_with_usage(conn: &mut AnyConnection, from: i64, to: i64) -> Result<Vec<String>, DbError> {
     let (hours_from, hours_to) = crate::store::whole_hours(from, to);
-    sqlx::query(
+    let rows = sqlx::query(
         "WITH RECURSIVE known (tenant) AS (
            SELECT MIN(tenant) FROM usage_total_hour
            UNION ALL
@@ -228,23 +229,25 @@ pub async fn tenants_with_usage(conn: &mut AnyConnection, from: i64, to: i64) ->
     .bind(hours_from)
     .bind(hours_to)
     .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| r.try_get(0))
-    .collect::<Result<_, sqlx::Error>>()
-    .map_err(DbError::from)
+    .await?;
+    first_column(&rows)
+}
+
+/// The first column of every row.
+fn first_column(rows: &[AnyRow]) -> Result<Vec<String>, DbError> {
+    rows.iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(DbError::from)
 }
 
 /// Tenants with a subscription starting before `before`.
 pub async fn subscribed_tenants(conn: &mut AnyConnection, before: i64) -> Result<Vec<String>, DbError> {
-    sqlx::query("SELECT DISTINCT tenant FROM subscription WHERE starts_at < $1 ORDER BY tenant")
+    let rows = sqlx::query("SELECT DISTINCT tenant FROM subscription WHERE starts_at < $1 ORDER BY tenant")
         .bind(before)
         .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(DbError::from)
+        .await?;
+    first_column(&rows)
 }
 
 /// Every subscription of `tenant`, oldest first.

@@ -33,7 +33,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidemark_bench_support::procs::{CpuMeter, Proc, clock_ticks, unique_name};
-use tidemark_bench_support::stats::{histogram, ms_at, record, thousands};
+use tidemark_bench_support::stats::{histogram, median, ms_at, record, thousands};
 use tidemark_billing::store::{CommitClock, Store};
 use tidemark_core::{TenantUsage, UsageBatch};
 use tidemark_log::kafka::KafkaConfig;
@@ -322,7 +322,7 @@ async fn throughput(args: &Args, log: &Log) -> anyhow::Result<String> {
                 "- {}: median of {} runs, steady: **{} records/s** (from {} to {}).\n",
                 backend.name(),
                 steady.len(),
-                thousands(steady[steady.len() / 2]),
+                thousands(median(&steady)),
                 thousands(*low),
                 thousands(*high),
             );
